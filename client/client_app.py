@@ -1,0 +1,186 @@
+"""The merchant's Flower ClientApp (Message API): train under DP, evaluate, or refuse.
+
+What leaves the merchant in a train reply: exactly the task's shared tensors (names and shapes
+of the global model), one MetricRecord of numbers, and one ConfigRecord ``privacy`` with the
+unit, accountant and guarantee text. Nothing else: no customer ids, no per-example values.
+
+A round is refused (reply with ``refused=1`` and a reason, no tensors) when taking it would
+push the merchant's ledger past its epsilon budget, or when delta >= 1/(number of DP units).
+The ledger is updated atomically *before* the update is released.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data_source import load_for_node
+from client.device import choose_device
+from client.local_training import DPParams, LocalTrainingConfig, train_local
+from models.task import Task, build_task
+from privacy.accounting import plan_noise_multiplier
+from privacy.dp_sgd import plan_sampling, unwrap
+from privacy.ledger import PrivacyLedger, open_ledger
+
+log = logging.getLogger("storefed.merchant")
+app = ClientApp()
+
+TRAIN_METRIC_KEYS = (
+    "num-examples",
+    "train_loss",
+    "steps",
+    "refused",
+    "dp",
+    "noise_multiplier",
+    "sample_rate",
+    "epsilon_round",
+    "epsilon_total",
+    "epsilon_budget",
+    "delta",
+)
+
+
+def _settings(msg: Message) -> dict:
+    return json.loads(str(msg.content["config"]["storefed"]))
+
+
+def _privacy_settings(settings: dict, node_config: dict) -> dict:
+    """Server-proposed privacy settings, overridden by the merchant's own node config."""
+    privacy = dict(settings["privacy"])
+    for node_key, key in (("epsilon-budget", "epsilon"), ("delta", "delta"), ("ledger-dir", "ledger_dir")):
+        if node_key in node_config:
+            privacy[key] = node_config[node_key]
+    return privacy
+
+
+def _prepare(msg: Message, context: Context) -> tuple[dict, Task, torch.nn.Module, object, torch.device]:
+    settings = _settings(msg)
+    catalog, data = load_for_node(settings["data"], dict(context.node_config))
+    task = build_task(settings["task"], catalog)
+    model = task.build_model()
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(global_state, strict=False)
+    device = choose_device(str(settings.get("device", "auto")))
+    return settings, task, model, data, device
+
+
+def _reply(msg: Message, metrics: dict, arrays: ArrayRecord | None, privacy: dict[str, str]) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "privacy": ConfigRecord(privacy)})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def _refusal(msg: Message, reason: str, ledger: PrivacyLedger | None, budget: float, delta: float) -> Message:
+    spent = ledger.epsilon_spent if ledger else 0.0
+    metrics = {key: 0.0 for key in TRAIN_METRIC_KEYS} | {
+        "refused": 1,
+        "dp": 1,
+        "epsilon_total": spent,
+        "epsilon_budget": budget,
+        "delta": delta,
+    }
+    log.warning("refused round: %s", reason)
+    return _reply(msg, metrics, None, {"refusal": reason})
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training under DP (or a refusal)."""
+    settings, task, model, data, device = _prepare(msg, context)
+    privacy = _privacy_settings(settings, dict(context.node_config))
+    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
+    local = LocalTrainingConfig(**settings["local"], proximal_mu=proximal_mu)
+    dataset = task.train_dataset(data)
+    server_round = int(msg.content["config"]["server-round"])
+    run_id = str(settings.get("run_id", msg.metadata.run_id))
+    if len(dataset) == 0:
+        return _refusal(msg, f"no {task.privacy_unit} examples to train on", None, 0.0, 0.0)
+
+    if not privacy["enabled"]:
+        result = train_local(task, model, dataset, local, None, device)
+        metrics = {key: 0.0 for key in TRAIN_METRIC_KEYS} | {
+            "num-examples": result.num_units,
+            "train_loss": result.mean_loss,
+            "steps": result.steps,
+            "epsilon_round": math.inf,
+            "epsilon_total": math.inf,
+        }
+        guarantee = "NONE: privacy.enabled=false, this update carries no differential-privacy guarantee"
+        return _reply(msg, metrics, _shared_arrays(task, model), {"unit": task.privacy_unit, "guarantee": guarantee})
+
+    budget, delta = float(privacy["epsilon"]), float(privacy["delta"])
+    ledger = open_ledger(
+        privacy["ledger_dir"], data.merchant_id, task.name, task.privacy_unit, delta, privacy["accountant"], budget
+    )
+    if delta >= 1.0 / len(dataset):
+        reason = (
+            f"delta={delta:g} is not below 1/n = 1/{len(dataset)} {task.privacy_unit}s at this merchant: "
+            f"set privacy.delta below {1.0 / len(dataset):.2g}"
+        )
+        return _refusal(msg, reason, ledger, budget, delta)
+    plan = plan_sampling(len(dataset), local.batch_size, local.epochs)
+    noise = _noise_multiplier(privacy, ledger, plan.sample_rate, plan.steps)
+    if noise is None or ledger.epsilon_after(noise, plan.sample_rate, plan.steps) > budget:
+        reason = (
+            f"privacy budget exhausted: {ledger.epsilon_spent:.3f} of epsilon {budget:g} spent "
+            f"(delta={delta:g}, per {task.privacy_unit}); this round would exceed it"
+        )
+        return _refusal(msg, reason, ledger, budget, delta)
+
+    dp = DPParams(noise, float(privacy["max_grad_norm"]), str(privacy["grad_sample_mode"]))
+    result = train_local(task, model, dataset, local, dp, device)
+    record = ledger.record_round(run_id, server_round, noise, result.plan.sample_rate, result.steps)
+    log.info(
+        "%s round %d: trained %d steps, epsilon %.3f this round, %.3f of %g total (delta=%g, per %s)",
+        data.merchant_id, server_round, result.steps, record.epsilon_round, record.epsilon_total, budget, delta,
+        task.privacy_unit,
+    )
+    metrics = {
+        "num-examples": result.num_units,
+        "train_loss": result.mean_loss,
+        "steps": result.steps,
+        "refused": 0,
+        "dp": 1,
+        "noise_multiplier": noise,
+        "sample_rate": result.plan.sample_rate,
+        "epsilon_round": record.epsilon_round,
+        "epsilon_total": record.epsilon_total,
+        "epsilon_budget": budget,
+        "delta": delta,
+    }
+    return _reply(
+        msg, metrics, _shared_arrays(task, unwrap(model)),
+        {"unit": task.privacy_unit, "accountant": ledger.accountant, "guarantee": ledger.guarantee()},
+    )
+
+
+def _noise_multiplier(privacy: dict, ledger: PrivacyLedger, sample_rate: float, steps: int) -> float | None:
+    """Configured noise, or with ``noise_multiplier=auto`` the noise planned for the remaining rounds."""
+    if privacy["noise_multiplier"] != "auto":
+        return float(privacy["noise_multiplier"])
+    rounds_left = max(int(privacy["planned_rounds"]) - len(ledger.rounds), 1)
+    try:
+        return plan_noise_multiplier(
+            ledger.history, sample_rate, steps, rounds_left, ledger.epsilon_budget, ledger.delta, ledger.accountant
+        )
+    except ValueError:
+        return None
+
+
+def _shared_arrays(task: Task, model: torch.nn.Module) -> ArrayRecord:
+    state = model.state_dict()
+    return ArrayRecord({key: state[key].detach().cpu() for key in task.shared_keys(model)})
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this merchant's held-out split (metrics are not DP-protected)."""
+    _, task, model, data, device = _prepare(msg, context)
+    metrics = task.evaluate(model.to(device), data, device)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,111 @@
+"""One merchant's local training session: DP-SGD (Opacus) or, when privacy is off, plain SGD.
+
+The loop is task-agnostic: the task turns a batch into (logits, targets) and cross-entropy is
+applied through the criterion Opacus returns (ghost clipping needs its own criterion).
+FedProx's proximal term is applied as a separate deterministic step after each (noisy) update:
+``w <- w - lr * mu * (w - w_global)``. It depends only on already-privatised weights and the
+public global model, so it is post-processing and costs no privacy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from models.task import Task
+from privacy.dp_sgd import SamplingPlan, make_private, plan_sampling
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "adam"
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class DPParams:
+    noise_multiplier: float
+    max_grad_norm: float
+    grad_sample_mode: str = "ghost"
+
+
+@dataclass
+class LocalTrainingResult:
+    steps: int
+    mean_loss: float
+    num_units: int
+    plan: SamplingPlan
+
+
+def _optimizer(model: nn.Module, cfg: LocalTrainingConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9)
+    raise ValueError(f"task.optimizer={cfg.optimizer!r} is unknown: choose adam or sgd")
+
+
+def train_local(
+    task: Task,
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: LocalTrainingConfig,
+    dp: DPParams | None,
+    device: torch.device,
+) -> LocalTrainingResult:
+    """Train ``model`` in place on ``dataset``. With ``dp`` set, every step is DP-SGD."""
+    plan = plan_sampling(len(dataset), cfg.batch_size, cfg.epochs)
+    model.to(device).train()
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = _optimizer(model, cfg)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=dp is None)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    trained = model
+    if dp is not None:
+        private = make_private(model, optimizer, loader, dp.noise_multiplier, dp.max_grad_norm, dp.grad_sample_mode)
+        trained, optimizer, criterion, loader = private.model, private.optimizer, private.criterion, private.loader
+        if abs(loader.sample_rate - plan.sample_rate) > 1e-12:
+            raise RuntimeError(f"Opacus sample rate {loader.sample_rate} differs from the planned {plan.sample_rate}")
+    steps, loss_sum = 0, 0.0
+    for _ in range(cfg.epochs):
+        for batch in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(batch[0]) == 0:  # empty Poisson batch: the step still adds noise to a zero sum
+                if dp is not None:
+                    _noise_only_step(trained, optimizer)
+                steps += 1
+                continue
+            logits, targets = task.forward(trained, batch, device)
+            loss = criterion(logits, targets)
+            loss.backward()
+            optimizer.step()
+            if cfg.proximal_mu > 0:
+                _proximal_step(model, anchor, cfg.lr * cfg.proximal_mu)
+            steps += 1
+            loss_sum += float(loss.detach())
+    if dp is not None and steps != plan.steps:
+        raise RuntimeError(f"took {steps} DP steps but the ledger planned {plan.steps}")
+    optimizer.zero_grad(set_to_none=True)
+    return LocalTrainingResult(steps, loss_sum / max(steps, 1), len(dataset), plan)
+
+
+@torch.no_grad()
+def _proximal_step(model: nn.Module, anchor: dict[str, torch.Tensor], rate: float) -> None:
+    for name, param in model.named_parameters():
+        if name in anchor:
+            param.sub_(rate * (param - anchor[name]))
+
+
+def _noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A DP step on an empty batch: zero per-sample gradients, noise added by Opacus."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()

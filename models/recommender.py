@@ -1,0 +1,182 @@
+"""History-based next-item recommender.
+
+A customer is represented only by the items in their (capped) history: mean-pooled item
+embeddings through a small user tower. There are no per-customer parameters, so one DP
+sample (one customer's capped history) is exactly one customer's whole contribution, and
+the model serves customers it has never seen. Scoring is a full softmax over the catalog
+(an untied output layer, as ghost clipping does not support tied weights).
+
+Split (leave-last-out): a customer with >= 3 interactions is a test customer; their last
+interaction is held out. Training uses every other interaction of every customer with >= 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from client.dataset import Catalog, MerchantData
+
+PAD = 0  # item index 0 is padding; catalog item i is embedded at i + 1
+
+
+class HistoryRecommender(nn.Module):
+    """Scores every catalog item for a batch of histories ``(B, L)`` of item indices + 1."""
+
+    def __init__(self, num_items: int, dim: int) -> None:
+        super().__init__()
+        self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=PAD)
+        self.user_tower = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
+        self.output = nn.Linear(dim, num_items)
+
+    def forward(self, history: torch.Tensor) -> torch.Tensor:
+        mask = (history != PAD).unsqueeze(-1).to(self.item_embedding.weight.dtype)
+        pooled = (self.item_embedding(history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.output(self.user_tower(pooled))
+
+
+def customer_histories(data: MerchantData) -> list[np.ndarray]:
+    """Each customer's items in time order (stable for equal timestamps)."""
+    inter = data.interactions
+    order = np.lexsort((inter.timestamp, inter.user))
+    users, items = inter.user[order], inter.item[order]
+    bounds = np.searchsorted(users, np.arange(data.num_users + 1))
+    return [items[bounds[u] : bounds[u + 1]] for u in range(data.num_users)]
+
+
+def split_leave_last_out(histories: list[np.ndarray]) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]]]:
+    """(training histories, test cases ``(history, held-out item)``)."""
+    train, test = [], []
+    for h in histories:
+        if len(h) >= 3:
+            train.append(h[:-1])
+            test.append((h[:-1], int(h[-1])))
+        elif len(h) == 2:
+            train.append(h)
+    return train, test
+
+
+def pad_history(items: np.ndarray, max_len: int) -> torch.Tensor:
+    """Most recent ``max_len`` items, shifted by one, left-padded with PAD."""
+    recent = items[-max_len:] + 1
+    out = torch.zeros(max_len, dtype=torch.long)
+    if len(recent):
+        out[-len(recent) :] = torch.as_tensor(recent, dtype=torch.long)
+    return out
+
+
+class CustomerDataset(Dataset):
+    """One item per customer (the DP unit): a random next-item cut of their capped history."""
+
+    def __init__(self, histories: list[np.ndarray], max_history: int) -> None:
+        self.histories = [h for h in histories if len(h) >= 2]
+        self.max_history = max_history
+
+    def __len__(self) -> int:
+        return len(self.histories)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.histories[index][-(self.max_history + 1) :]
+        cut = int(torch.randint(1, len(h), ()).item())
+        return pad_history(h[:cut], self.max_history), torch.tensor(int(h[cut]))
+
+
+def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target among its row's scores (ties counted against the target)."""
+    target_scores = scores.gather(1, targets.unsqueeze(1))
+    return (scores >= target_scores).sum(1) - 1
+
+
+def ranking_metrics(ranks: torch.Tensor, k: int, prefix: str = "") -> dict[str, float]:
+    """HR@k and NDCG@k from 0-based ranks (single relevant item)."""
+    if ranks.numel() == 0:
+        return {f"{prefix}hr@{k}": 0.0, f"{prefix}ndcg@{k}": 0.0}
+    hit = (ranks < k).float()
+    ndcg = hit / torch.log2(ranks.float() + 2.0)
+    return {f"{prefix}hr@{k}": float(hit.mean()), f"{prefix}ndcg@{k}": float(ndcg.mean())}
+
+
+def evaluate_scores(
+    score_fn, test: list[tuple[np.ndarray, int]], num_items: int, k: int, num_sampled: int, seed: int
+) -> dict[str, float]:
+    """Full-ranking metrics over the whole catalog (history items excluded) and the sampled-N protocol.
+
+    ``score_fn(histories) -> (B, num_items)`` scores. Sampled metrics are labelled ``sampled{N}_``.
+    """
+    rng = np.random.default_rng(seed)
+    full_ranks, sampled_ranks = [], []
+    for start in range(0, len(test), 256):
+        chunk = test[start : start + 256]
+        scores = score_fn([h for h, _ in chunk]).float()
+        targets = torch.tensor([t for _, t in chunk])
+        for row, (h, t) in enumerate(chunk):
+            seen = torch.as_tensor(np.setdiff1d(h, [t]), dtype=torch.long)
+            scores[row, seen] = -math.inf
+        full_ranks.append(rank_of_targets(scores, targets))
+        for row, (h, t) in enumerate(chunk):
+            candidates = np.setdiff1d(np.arange(num_items), np.append(h, t))
+            negatives = rng.choice(candidates, size=min(num_sampled, len(candidates)), replace=False)
+            cand = torch.as_tensor(np.append(t, negatives), dtype=torch.long)
+            sampled_ranks.append(rank_of_targets(scores[row, cand].unsqueeze(0), torch.zeros(1, dtype=torch.long)))
+    full = torch.cat(full_ranks) if full_ranks else torch.zeros(0)
+    sampled = torch.cat(sampled_ranks) if sampled_ranks else torch.zeros(0)
+    return {**ranking_metrics(full, k), **ranking_metrics(sampled, k, prefix=f"sampled{num_sampled}_")}
+
+
+def popularity_scorer(train_histories: list[np.ndarray], num_items: int):
+    """Score function of the popularity baseline: item counts in the training histories."""
+    counts = np.bincount(np.concatenate(train_histories), minlength=num_items) if train_histories else np.zeros(num_items)
+    pop = torch.as_tensor(counts, dtype=torch.float32)
+    return lambda histories: pop.expand(len(histories), -1).clone()
+
+
+class RecommenderTask:
+    """Next-item recommendation; DP unit = customer."""
+
+    name = "recommender"
+    privacy_unit = "customer"
+
+    def __init__(self, cfg: dict, catalog: Catalog) -> None:
+        self.cfg = cfg
+        self.num_items = catalog.num_items
+        self.dim = int(cfg.get("embedding_dim", 32))
+        self.max_history = int(cfg.get("max_history", 50))
+        self.k = int(cfg.get("top_k", 10))
+        self.num_sampled = int(cfg.get("sampled_candidates", 100))
+        self.seed = int(cfg.get("seed", 0))
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        return HistoryRecommender(self.num_items, self.dim)
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        return list(model.state_dict().keys())
+
+    def train_dataset(self, data: MerchantData) -> Dataset:
+        train, _ = split_leave_last_out(customer_histories(data))
+        return CustomerDataset(train, self.max_history)
+
+    def forward(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        history, target = batch
+        return model(history.to(device)), target.to(device)
+
+    def evaluate(self, model: nn.Module, data: MerchantData, device: torch.device) -> dict[str, float]:
+        train, test = split_leave_last_out(customer_histories(data))
+        model.eval()
+
+        @torch.no_grad()
+        def model_scores(histories: list[np.ndarray]) -> torch.Tensor:
+            batch = torch.stack([pad_history(h, self.max_history) for h in histories]).to(device)
+            return model(batch).cpu()
+
+        metrics = evaluate_scores(model_scores, test, self.num_items, self.k, self.num_sampled, self.seed)
+        baseline = evaluate_scores(
+            popularity_scorer(train, self.num_items), test, self.num_items, self.k, self.num_sampled, self.seed
+        )
+        metrics.update({f"local_pop_{key}": value for key, value in baseline.items()})
+        metrics["num-examples"] = len(test)
+        return metrics

@@ -1,0 +1,173 @@
+"""Review sentiment classifier (a ``transformers`` sequence classifier); DP unit = one review.
+
+Labels (``task.labels``): ``polarity`` maps ratings 1-2 -> negative (0), 4-5 -> positive (1)
+and drops 3-star reviews; ``three_class`` keeps 3 stars as neutral (negative 0, neutral 1,
+positive 2).
+
+Default model: a small BERT trained from scratch on a hashing tokenizer that learns nothing
+from merchant data; everything is federated. With ``task.pretrained_dir`` set, a local
+BERT-family checkpoint is loaded (never downloaded) with LoRA adapters; only the adapters and
+the classification head are federated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from client.dataset import Catalog, MerchantData
+from models.hashing_tokenizer import HashingTokenizer
+
+LABEL_SCHEMES = ("polarity", "three_class")
+
+
+def review_labels(ratings: np.ndarray, scheme: str) -> np.ndarray:
+    """Class per rating, -1 for dropped reviews."""
+    if scheme == "polarity":
+        return np.where(ratings <= 2, 0, np.where(ratings >= 4, 1, -1))
+    if scheme == "three_class":
+        return np.where(ratings <= 2, 0, np.where(ratings == 3, 1, 2))
+    raise ValueError(f"task.labels={scheme!r} is unknown: choose one of {LABEL_SCHEMES}")
+
+
+def split_reviews(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, test) index split of a merchant's reviews."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction)) if n >= 5 else 0
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 (classes absent from both gold and pred are left out of the mean)."""
+    if len(gold) == 0:
+        return {"accuracy": 0.0, "macro_f1": 0.0}
+    f1s = []
+    for c in range(num_classes):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float((pred == gold).mean()), "macro_f1": float(np.mean(f1s))}
+
+
+class ReviewTask:
+    """Review sentiment classification; DP unit = review."""
+
+    name = "review"
+    privacy_unit = "review"
+
+    def __init__(self, cfg: dict, catalog: Catalog) -> None:
+        self.cfg = cfg
+        self.scheme = str(cfg.get("labels", "polarity"))
+        self.num_classes = 2 if self.scheme == "polarity" else 3
+        review_labels(np.zeros(0, dtype=np.int64), self.scheme)  # validates the scheme
+        self.test_fraction = float(cfg.get("test_fraction", 0.2))
+        self.seed = int(cfg.get("seed", 0))
+        self.batch_eval = 128
+        self.pretrained_dir = cfg.get("pretrained_dir")
+        if self.pretrained_dir:
+            from transformers import AutoTokenizer
+
+            self.hf_tokenizer = AutoTokenizer.from_pretrained(self.pretrained_dir, local_files_only=True)
+            self.max_length = int(cfg.get("max_length", 64))
+        else:
+            self.tokenizer = HashingTokenizer(int(cfg.get("vocab_size", 8192)), int(cfg.get("max_length", 64)))
+
+    # -- model ---------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        if self.pretrained_dir:
+            return self._build_lora_model()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(
+            vocab_size=self.tokenizer.vocab_size,
+            hidden_size=int(self.cfg.get("hidden_size", 64)),
+            num_hidden_layers=int(self.cfg.get("num_layers", 2)),
+            num_attention_heads=int(self.cfg.get("num_heads", 2)),
+            intermediate_size=int(self.cfg.get("intermediate_size", 128)),
+            max_position_embeddings=self.tokenizer.max_length,
+            type_vocab_size=1,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=self.num_classes,
+            pad_token_id=0,
+            initializer_range=float(self.cfg.get("initializer_range", 0.02)),
+        )
+        return BertForSequenceClassification(config)
+
+    def _build_lora_model(self) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            self.pretrained_dir, num_labels=self.num_classes, local_files_only=True, ignore_mismatched_sizes=True
+        )
+        lora = LoraConfig(
+            r=int(self.cfg.get("lora_r", 8)),
+            lora_alpha=int(self.cfg.get("lora_alpha", 16)),
+            target_modules=list(self.cfg.get("lora_targets", ["query", "value"])),
+            lora_dropout=0.0,
+            modules_to_save=["classifier"],
+        )
+        return get_peft_model(base, lora)
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        keys = list(model.state_dict().keys())
+        if not self.pretrained_dir:
+            return keys
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        return [k for k in keys if k in trainable]
+
+    # -- data ----------------------------------------------------------------------------
+    def _encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pretrained_dir:
+            enc = self.hf_tokenizer(
+                texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+        else:
+            enc = self.tokenizer(texts)
+        return enc["input_ids"], enc["attention_mask"]
+
+    def _split(self, data: MerchantData, part: str) -> tuple[list[str], np.ndarray]:
+        labels = review_labels(data.reviews.rating, self.scheme)
+        train_idx, test_idx = split_reviews(len(labels), self.test_fraction, self.seed)
+        idx = train_idx if part == "train" else test_idx
+        idx = idx[labels[idx] >= 0]
+        return [data.reviews.text[i] for i in idx], labels[idx]
+
+    def train_dataset(self, data: MerchantData) -> Dataset:
+        texts, labels = self._split(data, "train")
+        ids, mask = self._encode(texts)
+        return TensorDataset(ids, mask, torch.as_tensor(labels, dtype=torch.long))
+
+    def forward(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask, labels = (t.to(device) for t in batch)
+        batch_size, length = ids.shape
+        # Full-batch position/token-type ids: Opacus needs every input to carry the batch dim.
+        positions = torch.arange(length, device=device).repeat(batch_size, 1)
+        out = model(
+            input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), position_ids=positions
+        )
+        return out.logits, labels
+
+    def evaluate(self, model: nn.Module, data: MerchantData, device: torch.device) -> dict[str, float]:
+        train_texts, train_labels = self._split(data, "train")
+        texts, gold = self._split(data, "test")
+        model.eval()
+        preds = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_eval):
+                ids, mask = self._encode(texts[start : start + self.batch_eval])
+                logits, _ = self.forward(model, (ids, mask, torch.zeros(len(ids), dtype=torch.long)), device)
+                preds.append(logits.argmax(-1).cpu().numpy())
+        pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+        metrics = classification_metrics(pred, gold, self.num_classes)
+        majority = int(np.bincount(train_labels, minlength=self.num_classes).argmax()) if len(train_labels) else 0
+        baseline = classification_metrics(np.full(len(gold), majority), gold, self.num_classes)
+        metrics.update({f"local_majority_{k}": v for k, v in baseline.items()})
+        metrics["num-examples"] = len(gold)
+        return metrics

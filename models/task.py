@@ -1,0 +1,52 @@
+"""The one small interface every learning task implements.
+
+A task says what model is built, which of its tensors are shared with the coordinator, how a
+merchant's data becomes a dataset whose items are *DP units* (one item = one unit of privacy),
+how a batch becomes (logits, targets), and how the model is evaluated on held-out data.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from client.dataset import Catalog, MerchantData
+
+
+class Task(Protocol):
+    """A learning task (recommender, review classifier)."""
+
+    name: str
+    privacy_unit: str  # what one dataset item is: "customer" or "review"
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (deterministic for a given config seed)."""
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """Names in ``model.state_dict()`` that are federated; nothing else leaves a merchant."""
+
+    def train_dataset(self, data: MerchantData) -> Dataset:
+        """Training examples, one per DP unit."""
+
+    def forward(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and integer targets for one batch (cross-entropy is applied by the caller)."""
+
+    def evaluate(self, model: nn.Module, data: MerchantData, device: torch.device) -> dict[str, float]:
+        """Metrics on the merchant's held-out split; includes ``num-examples``."""
+
+
+def build_task(task_cfg: dict, catalog: Catalog) -> Task:
+    """The task named by ``task_cfg['name']``."""
+    name = task_cfg.get("name")
+    if name == "recommender":
+        from models.recommender import RecommenderTask
+
+        return RecommenderTask(task_cfg, catalog)
+    if name == "review":
+        from models.review import ReviewTask
+
+        return ReviewTask(task_cfg, catalog)
+    raise ValueError(f"task.name={name!r} is unknown: choose task=recommender or task=review")

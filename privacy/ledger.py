@@ -1,0 +1,139 @@
+"""The per-merchant privacy ledger: the single source of truth for what a merchant has spent.
+
+One JSON file per (merchant, task) on the merchant's own disk. It stores the full accountant
+history of every round the merchant ever trained for that task, across runs and restarts, so
+epsilon is always recomputed from the whole composition, never summed by hand. Writes are
+atomic (temp file + fsync + rename): a crash leaves the previous ledger intact.
+
+A ledger is bound to its (unit, delta, accountant): reopening it with different values is
+refused, because the stored history would then back a different guarantee.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from privacy.accounting import HistoryEntry, check_accountant, epsilon_of
+from privacy.atomic_files import atomic_write_text
+
+LEDGER_SCHEMA = 1
+
+
+class LedgerError(ValueError):
+    """A ledger file is unreadable or does not match the requested guarantee."""
+
+
+@dataclass
+class RoundRecord:
+    run_id: str
+    server_round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon_round: float
+    epsilon_total: float
+    time: float
+
+
+@dataclass
+class PrivacyLedger:
+    path: Path
+    merchant_id: str
+    task: str
+    unit: str
+    delta: float
+    accountant: str
+    epsilon_budget: float
+    rounds: list[RoundRecord] = field(default_factory=list)
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def history(self) -> list[HistoryEntry]:
+        return [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.rounds]
+
+    @property
+    def epsilon_spent(self) -> float:
+        return epsilon_of(self.history, self.delta, self.accountant)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Total epsilon if one more round with these parameters were taken."""
+        return epsilon_of(self.history + [(noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
+
+    def guarantee(self) -> str:
+        return (
+            f"({self.epsilon_spent:.3f}, {self.delta:g})-DP per {self.unit}, {self.accountant.upper()} accountant, "
+            f"Poisson sampling, {len(self.rounds)} round(s)"
+        )
+
+    # -- updates ---------------------------------------------------------------------------
+    def record_round(
+        self, run_id: str, server_round: int, noise_multiplier: float, sample_rate: float, steps: int
+    ) -> RoundRecord:
+        """Append a trained round and persist atomically before anything is released."""
+        before = self.epsilon_spent
+        after = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        record = RoundRecord(run_id, server_round, noise_multiplier, sample_rate, steps, after - before, after, time.time())
+        self.rounds.append(record)
+        try:
+            self.save()
+        except BaseException:
+            self.rounds.pop()
+            raise
+        return record
+
+    def save(self) -> None:
+        payload = {
+            "schema": LEDGER_SCHEMA,
+            "merchant_id": self.merchant_id,
+            "task": self.task,
+            "unit": self.unit,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "epsilon_budget": self.epsilon_budget,
+            "epsilon_spent": self.epsilon_spent,
+            "rounds": [asdict(r) for r in self.rounds],
+        }
+        atomic_write_text(self.path, json.dumps(payload, indent=2))
+
+
+def open_ledger(
+    directory: str | Path,
+    merchant_id: str,
+    task: str,
+    unit: str,
+    delta: float,
+    accountant: str,
+    epsilon_budget: float,
+) -> PrivacyLedger:
+    """Load the ledger for (merchant, task), or start an empty one (written on first round).
+
+    The budget may change between runs (a merchant may raise or lower it); unit, delta and
+    accountant may not.
+    """
+    path = Path(directory) / f"{_safe(merchant_id)}.{task}.ledger.json"
+    check_accountant(accountant)
+    if not path.exists():
+        return PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget)
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        rounds = [RoundRecord(**r) for r in payload["rounds"]]
+        stored = (payload["unit"], float(payload["delta"]), payload["accountant"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LedgerError(
+            f"privacy ledger {path} is unreadable ({exc}); it is the record of privacy already spent: "
+            "restore it from backup rather than deleting it"
+        ) from exc
+    if stored != (unit, float(delta), accountant):
+        raise LedgerError(
+            f"privacy ledger {path} was kept with unit={stored[0]}, delta={stored[1]:g}, accountant={stored[2]}; "
+            f"this run asks for unit={unit}, delta={delta:g}, accountant={accountant}. "
+            "Use the ledger's settings, or a new ledger directory for a separate guarantee."
+        )
+    return PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget, rounds)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

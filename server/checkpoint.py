@@ -1,0 +1,36 @@
+"""The global model on disk: safetensors weights plus the config needed to rebuild it.
+
+Both files are written atomically; the config is written last, so a ``model_config.json``
+always describes a complete weights file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from privacy.atomic_files import atomic_write_bytes, atomic_write_text
+
+WEIGHTS_FILE = "global_model.safetensors"
+CONFIG_FILE = "model_config.json"
+
+
+def save_global_model(run_dir: Path, state: dict[str, torch.Tensor], task_cfg: dict, num_items: int) -> Path:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    path = Path(run_dir) / WEIGHTS_FILE
+    atomic_write_bytes(path, save_safetensors(tensors, metadata={"task": str(task_cfg.get("name"))}))
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps({"task": task_cfg, "num_items": num_items}, indent=2))
+    return path
+
+
+def load_global_model(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights and config of a saved global model; clear error when the files are missing."""
+    run_dir = Path(run_dir)
+    weights, config = run_dir / WEIGHTS_FILE, run_dir / CONFIG_FILE
+    if not weights.exists() or not config.exists():
+        raise FileNotFoundError(f"{run_dir} has no saved global model ({WEIGHTS_FILE} and {CONFIG_FILE} expected)")
+    return load_safetensors(weights.read_bytes()), json.loads(config.read_text(encoding="utf-8"))

@@ -1,0 +1,93 @@
+"""Per-round metrics of a run: printed, appended to ``metrics.jsonl``, mirrored in ``metrics.csv``.
+
+Every epsilon printed states its unit, delta and accountant, and is a *per-merchant*
+(record/customer-level) guarantee from the merchants' ledgers; it is never mixed with any
+client-level number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from server.screening import RoundScreening
+from privacy.atomic_files import atomic_write_text
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, task: str, unit: str, accountant: str, dp: bool) -> None:
+        self.run_dir = Path(run_dir)
+        self.task, self.unit, self.accountant, self.dp = task, unit, accountant, dp
+        self.rows: list[dict] = []
+        self.merchant_epsilon: dict[str, float] = {}
+        self.pending: dict[int, dict] = {}
+
+    def on_screened(self, server_round: int, screening: RoundScreening) -> None:
+        """Record who trained, refused, failed or was rejected in this round."""
+        row = {
+            "round": server_round,
+            "trained": len(screening.accepted),
+            "refused": len(screening.refused),
+            "failed": len(screening.failed),
+            "rejected": len(screening.rejected),
+        }
+        epsilons = [m.content["metrics"]["epsilon_total"] for m in screening.accepted]
+        if epsilons and self.dp:
+            row["epsilon_total_max"] = max(epsilons)
+            row["delta"] = max(m.content["metrics"]["delta"] for m in screening.accepted)
+        for node, msg in zip([m.metadata.src_node_id for m in screening.accepted], screening.accepted):
+            self.merchant_epsilon[str(node)] = float(msg.content["metrics"]["epsilon_total"])
+        for kind in ("refused", "failed", "rejected"):
+            for node, reason in getattr(screening, kind).items():
+                print(f"  round {server_round}: merchant node {node} {kind}: {reason}", flush=True)
+        self.pending[server_round] = row
+
+    def on_round_end(self, server_round: int, train: dict | None, evaluate: dict | None) -> None:
+        row = self.pending.pop(server_round, {"round": server_round})
+        row.update({f"train_{k}": v for k, v in (train or {}).items() if k not in ("refused",)})
+        row.update({f"eval_{k}": v for k, v in (evaluate or {}).items()})
+        self.rows.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        self._write_csv()
+        print(self.describe(row), flush=True)
+
+    def describe(self, row: dict) -> str:
+        parts = [f"[{self.task}] round {row['round']}: {row.get('trained', 0)} trained"]
+        parts.append(f"{row.get('refused', 0)} refused, {row.get('failed', 0)} failed, {row.get('rejected', 0)} rejected")
+        if "train_train_loss" in row:
+            parts.append(f"loss {row['train_train_loss']:.4f}")
+        for key in ("hr@10", "ndcg@10", "local_pop_hr@10", "accuracy", "macro_f1", "local_majority_accuracy"):
+            if f"eval_{key}" in row:
+                parts.append(f"{key} {row[f'eval_{key}']:.4f}")
+        if not self.dp:
+            parts.append("NO DIFFERENTIAL PRIVACY (privacy.enabled=false)")
+        elif "epsilon_total_max" in row:
+            parts.append(
+                f"max merchant epsilon so far {row['epsilon_total_max']:.3f} "
+                f"(per {self.unit}, delta={row['delta']:g}, {self.accountant.upper()} accountant, Poisson sampling)"
+            )
+        return " | ".join(parts)
+
+    def _write_csv(self) -> None:
+        keys = sorted({k for row in self.rows for k in row}, key=lambda k: (k != "round", k))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
+
+    def privacy_summary(self) -> dict:
+        finite = [e for e in self.merchant_epsilon.values() if math.isfinite(e)]
+        return {
+            "guarantee": "record-level DP per merchant (local DP-SGD); no client-level (central) DP in this run",
+            "unit": self.unit if self.dp else "none",
+            "accountant": self.accountant if self.dp else "none",
+            "sampling": "Poisson" if self.dp else "none",
+            "merchants_trained": len(self.merchant_epsilon),
+            "epsilon_max": max(finite) if finite else None,
+            "epsilon_by_node": self.merchant_epsilon,
+        }

@@ -1,0 +1,160 @@
+"""The coordinator's Flower ServerApp: one federated run of one task, top to bottom.
+
+Reads as the round does: build the task's model -> strategy from config -> Flower runs the
+rounds (clients train under DP in client/) -> replies screened -> aggregated -> per-round
+metrics and a global-model checkpoint written to the run directory -> final status.
+
+A run fails loudly: when every sampled merchant fails in a round, or the ServerApp raises,
+``status.json`` says ``failed`` with the reason and the exception propagates (Flower may
+still report the run as completed; callers check ``status.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from client.data_source import coordinator_catalog
+from models.task import build_task
+from privacy.atomic_files import atomic_write_text
+from server.checkpoint import save_global_model
+from server.run_log import RunLog
+from server.screening import RoundScreening
+from server.strategy import build_strategy
+
+
+class RunFailed(RuntimeError):
+    """The federated run could not produce a trustworthy model."""
+
+
+def client_settings(settings: dict, run_dir: Path) -> dict:
+    """What every merchant receives each round: task, local training, privacy and data config."""
+    privacy = dict(settings["privacy"])
+    privacy["ledger_dir"] = privacy.get("ledger_dir") or str(run_dir / "ledgers")
+    privacy["planned_rounds"] = privacy.get("planned_rounds") or default_planned_rounds(settings["federation"])
+    task = dict(settings["task"], seed=settings["seed"])
+    local = {k: task.pop(k) for k in ("epochs", "batch_size", "lr", "optimizer") if k in task}
+    return {
+        "task": task,
+        "local": local,
+        "privacy": privacy,
+        "data": dict(settings["data"], seed=settings["seed"]),
+        "device": settings.get("device", "auto"),
+        "run_id": run_dir.name,
+    }
+
+
+def default_planned_rounds(federation: dict) -> int:
+    """Rounds a merchant plans its noise for: twice its expected participations, at least 2.
+
+    A merchant sampled more often than planned still never exceeds its budget: later rounds
+    get the remaining budget or are refused (see client/client_app.py).
+    """
+    rounds, per_round, stores = (int(federation[k]) for k in ("rounds", "stores_per_round", "num_stores"))
+    return min(rounds, max(2, math.ceil(2 * rounds * per_round / stores)))
+
+
+def run_federation(grid: Grid, settings: dict, run_dir: Path) -> dict:
+    """Run all rounds; returns the summary also written to ``summary.json``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_status(run_dir, "running")
+    try:
+        summary = _run(grid, settings, run_dir)
+    except BaseException as exc:
+        write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        raise
+    write_status(run_dir, "completed")
+    return summary
+
+
+def _run(grid: Grid, settings: dict, run_dir: Path) -> dict:
+    to_clients = client_settings(settings, run_dir)
+    catalog = coordinator_catalog(to_clients["data"])
+    task = build_task(to_clients["task"], catalog)
+    model = task.build_model()
+    state = model.state_dict()
+    shared = {k: state[k] for k in task.shared_keys(model)}
+    expected = {k: tuple(v.shape) for k, v in shared.items()}
+    privacy = to_clients["privacy"]
+    log = RunLog(run_dir, task.name, task.privacy_unit, privacy["accountant"], bool(privacy["enabled"]))
+    failures: list[str] = []
+
+    def on_screened(server_round: int, screening: RoundScreening) -> None:
+        log.on_screened(server_round, screening)
+        if screening.failed and not (screening.accepted or screening.refused or screening.rejected):
+            failures.append(f"round {server_round}: every sampled merchant failed: {next(iter(screening.failed.values()))}")
+
+    strategy = build_strategy(settings["strategy"], settings["federation"], expected, on_screened)
+    config = ConfigRecord({"storefed": json.dumps(to_clients)})
+    rounds = int(settings["federation"]["rounds"])
+    started = time.time()
+    result = _start_with_round_hooks(strategy, grid, ArrayRecord(shared), rounds, config, log, failures)
+    final = result.arrays.to_torch_state_dict() if len(result.arrays) else shared
+    save_global_model(run_dir, final, to_clients["task"], catalog.num_items)
+    summary = {
+        "task": task.name,
+        "rounds": rounds,
+        "seconds": round(time.time() - started, 1),
+        "final_eval": log.rows[-1] if log.rows else {},
+        "privacy": log.privacy_summary(),
+        "model": str(run_dir / "global_model.safetensors"),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _start_with_round_hooks(strategy, grid, arrays, rounds, config, log: RunLog, failures: list[str]):
+    """``strategy.start`` with per-round logging and fail-fast on all-failed rounds."""
+    base_train, base_eval = strategy.aggregate_train, strategy.aggregate_evaluate
+    latest_train: dict[int, dict] = {}
+
+    def aggregate_train(server_round, replies):
+        arrays_out, metrics = base_train(server_round, replies)
+        if failures:
+            raise RunFailed(failures[-1])
+        latest_train[server_round] = dict(metrics) if metrics else {}
+        return arrays_out, metrics
+
+    def aggregate_evaluate(server_round, replies):
+        metrics = base_eval(server_round, replies)
+        log.on_round_end(server_round, latest_train.pop(server_round, None), dict(metrics) if metrics else None)
+        return metrics
+
+    strategy.aggregate_train, strategy.aggregate_evaluate = aggregate_train, aggregate_evaluate
+    return strategy.start(
+        grid=grid, initial_arrays=arrays, num_rounds=rounds, train_config=config, evaluate_config=ConfigRecord(dict(config))
+    )
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None, detail: str | None = None) -> None:
+    payload = {"status": status, "time": time.time(), "error": error, "traceback": detail}
+    atomic_write_text(run_dir / "status.json", json.dumps(payload, indent=2))
+
+
+def make_server_app(settings: dict, run_dir: Path) -> ServerApp:
+    """A ServerApp bound to resolved settings (used by the simulation runner)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        torch.set_num_threads(1)
+        run_federation(grid, settings, run_dir)
+
+    return server_app
+
+
+# Deployment entry point (``flwr run``): settings and run dir come from the run config.
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = json.loads(str(context.run_config["settings"]))
+    run_federation(grid, settings, Path(str(context.run_config["run-dir"])))

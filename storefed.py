@@ -1,0 +1,63 @@
+"""The one `storefed` command: subcommands with hydra-style ``key=value`` overrides.
+
+    storefed simulate [key=value ...]    local simulation of many virtual stores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+CONF_DIR = Path(os.environ.get("STOREFED_CONF", PROJECT_ROOT / "conf"))
+
+
+def compose(overrides: list[str]) -> dict:
+    """The resolved configuration (hydra compose: conf/ groups + command-line overrides)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def cmd_simulate(overrides: list[str]) -> int:
+    from server.server_app import RunFailed
+    from simulations.runner import simulate
+
+    try:
+        summary = simulate(compose(overrides), PROJECT_ROOT)
+    except RunFailed as exc:
+        print(f"storefed simulate: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary["privacy"] | {"final_eval": summary["final_eval"]}, indent=2, default=str))
+    print(f"global model: {summary['model']}")
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="storefed", description="Privacy-preserving federated learning for merchants")
+    parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. task=review privacy.epsilon=3")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args.overrides)
+    except Exception as exc:  # configuration errors: one clear line, no traceback
+        from hydra.errors import HydraException
+
+        if isinstance(exc, (ValueError, HydraException)):
+            print(f"storefed {args.command}: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
