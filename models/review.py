@@ -53,6 +53,29 @@ def classification_metrics(pred: np.ndarray, gold: np.ndarray, num_classes: int)
     return {"accuracy": float((pred == gold).mean()), "macro_f1": float(np.mean(f1s))}
 
 
+class MeanPooledBertClassifier(nn.Module):
+    """A ``transformers`` BERT encoder with a mean-pooled linear head.
+
+    Mean pooling makes the representation depend on every token from the first step, so
+    per-example gradients carry the input's signal instead of mostly the shared bias; under
+    DP noise this is what lets the classifier learn (the CLS pooler did not, at small scale).
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        from transformers import BertModel
+
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+
+    def forward(self, input_ids, attention_mask, token_type_ids, position_ids) -> torch.Tensor:
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+
 class ReviewTask:
     """Review sentiment classification; DP unit = review."""
 
@@ -97,7 +120,12 @@ class ReviewTask:
             pad_token_id=0,
             initializer_range=float(self.cfg.get("initializer_range", 0.02)),
         )
-        return BertForSequenceClassification(config)
+        pooling = str(self.cfg.get("pooling", "mean"))
+        if pooling == "mean":
+            return MeanPooledBertClassifier(config)
+        if pooling == "cls":
+            return BertForSequenceClassification(config)
+        raise ValueError(f"task.pooling={pooling!r} is unknown: choose mean or cls")
 
     def _build_lora_model(self) -> nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -152,7 +180,7 @@ class ReviewTask:
         out = model(
             input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), position_ids=positions
         )
-        return out.logits, labels
+        return getattr(out, "logits", out), labels
 
     def evaluate(self, model: nn.Module, data: MerchantData, device: torch.device) -> dict[str, float]:
         train_texts, train_labels = self._split(data, "train")

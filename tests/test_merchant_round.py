@@ -96,3 +96,21 @@ def test_auto_noise_plans_the_budget_over_the_planned_rounds(setup):
     assert totals[1] > 3.8  # the plan spends (almost) the whole budget over the 2 planned rounds
     third = _train(to_clients, arrays, 3).content
     assert third["metrics"]["epsilon_total"] <= 4.0
+
+
+def test_review_round_is_accounted_per_review(tmp_path, flower_identity):
+    settings = base_settings("review", noise_multiplier=1.0)
+    to_clients = client_settings(settings, tmp_path)
+    to_clients["local"]["epochs"] = 1
+    task = build_task(to_clients["task"], coordinator_catalog(to_clients["data"]))
+    model = task.build_model()
+    arrays = ArrayRecord({k: v for k, v in model.state_dict().items()})
+    reply = _train(to_clients, arrays)
+    assert reply.content["privacy"]["unit"] == "review"
+    assert set(reply.content["arrays"].keys()) == set(model.state_dict().keys())
+    _, data = load_simulated(to_clients["data"], 0)
+    plan = plan_sampling(len(task.train_dataset(data)), to_clients["local"]["batch_size"], 1)
+    independent = RDPAccountant()
+    for _ in range(plan.steps):
+        independent.step(noise_multiplier=1.0, sample_rate=plan.sample_rate)
+    assert reply.content["metrics"]["epsilon_total"] == pytest.approx(independent.get_epsilon(delta=1e-5))
