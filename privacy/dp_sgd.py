@@ -5,6 +5,11 @@ Guarantee: every optimizer step clips each DP unit's gradient (one dataset item 
 to the sum; batches are Poisson-sampled with rate ``1 / ceil(n / batch_size)`` (Opacus'
 DPDataLoader). Poisson sampling is not optional: without it the accountant's epsilon is invalid.
 
+Randomness: the Gaussian noise comes from a generator seeded with 63 bits from the OS
+(``secrets``), and the global torch RNG (which Opacus' Poisson sampler uses) is re-seeded from
+OS entropy before wrapping. Model initialisation may be seeded for reproducibility; DP noise
+and sampling never are, otherwise anyone who knows the seed could subtract the noise.
+
 ``grad_sample_mode="ghost"`` (default) computes per-sample gradient *norms* without
 materialising per-sample gradients (needed for large embedding tables); ``"hooks"`` is
 Opacus' standard mode.
@@ -13,9 +18,11 @@ Opacus' standard mode.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
+import torch
 from opacus import PrivacyEngine
 from torch import nn
 from torch.optim import Optimizer
@@ -60,6 +67,9 @@ def make_private(
         raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
     if noise_multiplier <= 0 or max_grad_norm <= 0:
         raise ValueError("noise_multiplier and max_grad_norm must be > 0 under DP")
+    torch.seed()  # Poisson sampling draws from the global RNG: make it unpredictable
+    device = next(model.parameters()).device
+    noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     criterion = nn.CrossEntropyLoss()
     with warnings.catch_warnings():
@@ -74,6 +84,7 @@ def make_private(
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=grad_sample_mode,
+            noise_generator=noise,
         )
     if grad_sample_mode == "ghost":
         dp_model, dp_optimizer, dp_criterion, dp_loader = wrapped

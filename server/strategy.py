@@ -24,7 +24,7 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     """Weighted means, except sums for counts and maxima for epsilon (the weakest guarantee)."""
     out = aggregate_metricrecords(records, weight_key)
     metrics = [next(iter(r.metric_records.values())) for r in records]
-    for key in out:
+    for key in metrics[0].keys():
         if key in _SUMMED:
             out[key] = sum(m[key] for m in metrics)
         elif key.startswith("epsilon") or key == "delta":

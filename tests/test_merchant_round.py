@@ -114,3 +114,24 @@ def test_review_round_is_accounted_per_review(tmp_path, flower_identity):
     for _ in range(plan.steps):
         independent.step(noise_multiplier=1.0, sample_rate=plan.sample_rate)
     assert reply.content["metrics"]["epsilon_total"] == pytest.approx(independent.get_epsilon(delta=1e-5))
+
+
+def test_dp_noise_and_sampling_are_not_reproducible_from_public_seeds():
+    """Same seeded init, same data, same seed set before training: DP results must still differ."""
+    import torch
+
+    from client.local_training import DPParams, LocalTrainingConfig, train_local
+    from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+
+    gen = StoreGeneratorConfig(num_items=100, mean_customers=30)
+    task = build_task({"name": "recommender", "embedding_dim": 8}, generate_catalog(gen))
+    dataset = task.train_dataset(generate_store(gen, 2))
+    results = []
+    for _ in range(2):
+        model = task.build_model()  # seeds torch with the public task seed
+        torch.manual_seed(0)
+        train_local(task, model, dataset, LocalTrainingConfig(epochs=1, batch_size=8, lr=0.1), DPParams(1.0, 1.0),
+                    torch.device("cpu"))
+        results.append(model.output.bias.detach().clone())
+    assert not torch.equal(results[0], results[1])
+    assert float((results[0] - results[1]).abs().max()) > 1e-3
