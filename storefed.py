@@ -1,6 +1,8 @@
 """The one `storefed` command: subcommands with hydra-style ``key=value`` overrides.
 
     storefed simulate [key=value ...]    local simulation of many virtual stores
+    storefed import data=amazon data.path=F data.num_merchants=N out_dir=D
+                                         public-format export -> merchant directories
 """
 
 from __future__ import annotations
@@ -40,7 +42,21 @@ def cmd_simulate(overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate}
+def cmd_import(overrides: list[str]) -> int:
+    from simulations.convert import convert_to_merchant_dirs
+
+    out_dirs = [o for o in overrides if o.startswith("out_dir=")]
+    if not out_dirs:
+        raise ValueError("storefed import needs out_dir=<new directory>")
+    rest = [o for o in overrides if not o.startswith("out_dir=")]
+    settings = compose(rest)
+    data = dict(settings["data"], seed=settings["seed"])
+    for row in convert_to_merchant_dirs(data, out_dirs[-1].split("=", 1)[1]):
+        print(json.dumps(row))
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "import": cmd_import}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,13 +21,13 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from privacy.atomic_files import atomic_write_text
 from client.dataset import (
     Catalog,
     Interactions,
@@ -397,23 +397,6 @@ def load_merchant_dir(
 # --------------------------------------------------------------------------- writers
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` as UTF-8 to a temp file beside ``path``, then ``os.replace`` it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _csv_text(header: list[str], rows: Iterator[list[Any]] | list[list[Any]]) -> str:
     buf = io.StringIO(newline="")
     writer = csv.writer(buf, lineterminator="\n")
@@ -433,7 +416,7 @@ def write_catalog(catalog: Catalog, path: str | Path) -> None:
     else:
         header = ["item_id", "category"]
         rows = [list(r) for r in zip(catalog.item_ids, catalog.categories)]
-    _atomic_write(path, _csv_text(header, rows))
+    atomic_write_text(path, _csv_text(header, rows))
 
 
 def _check_indices(
@@ -480,7 +463,7 @@ def write_merchant_dir(
             r = float(inter.rating[n])
             row.append(repr(r) if r != 0 else "")
         rows.append(row)
-    _atomic_write(directory / INTERACTIONS_FILE, _csv_text(header, rows))
+    atomic_write_text(directory / INTERACTIONS_FILE, _csv_text(header, rows))
 
     review_rows = [
         [f"u{int(u)}", ids[int(i)], int(r), t, int(ts)]
@@ -495,7 +478,7 @@ def write_merchant_dir(
             json.dumps(dict(zip(_REVIEWS_REQUIRED, row)), ensure_ascii=False) + "\n"
             for row in review_rows
         )
-    _atomic_write(target, text)
+    atomic_write_text(target, text)
     if other.exists():
         other.unlink()
 

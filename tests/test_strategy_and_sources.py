@@ -79,3 +79,24 @@ def test_amazon_file_feeds_the_simulation_data_source(tmp_path):
     assert sum(len(m.interactions) for m in merchants) == len(rows)
     with pytest.raises(ValueError, match="partition-id 3 is out of range: data has 3 merchants"):
         load_simulated(data_cfg, 3)
+
+
+def test_storefed_import_writes_loadable_merchant_directories(tmp_path):
+    import subprocess
+    import sys
+
+    from client.merchant_files import load_catalog, load_merchant_dir
+    from conftest import ROOT
+
+    source = tmp_path / "u.data"
+    source.write_text("".join(f"{u}\t{(u * 3 + k) % 11 + 1}\t{1 + k % 5}\t{880000000 + k}\n" for u in range(1, 9) for k in range(5)))
+    out = tmp_path / "merchants"
+    cmd = [sys.executable, str(ROOT / "storefed.py"), "import", "data=movielens", f"data.path={source}",
+           "data.num_merchants=2", f"out_dir={out}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    catalog = load_catalog(out / "catalog.csv")
+    loaded = [load_merchant_dir(out / f"merchant-00{k}", catalog) for k in range(2)]
+    assert sum(m.num_users for m in loaded) == 8 and sum(len(m.interactions) for m in loaded) == 40
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 2 and "is not empty" in again.stderr
