@@ -165,7 +165,7 @@ class FineTune:
 
 @pytest.fixture(scope="module")
 def finetune(checkpoint, store):
-    """``finetune(mode)``: one DP LoRA fine-tune per grad_sample_mode (same seed), cached."""
+    """``finetune(mode)``: one DP LoRA fine-tune per grad_sample_mode, cached."""
     runs: dict[str, FineTune] = {}
 
     def run(grad_sample_mode: str) -> FineTune:
@@ -216,14 +216,6 @@ def test_dp_lora_finetune_changes_only_shared_tensors_and_beats_baselines(finetu
     assert not load.unexpected_keys and not set(shared) & set(load.missing_keys)
     replay = task.evaluate(fresh, store, CPU)
     assert (replay["accuracy"], replay["macro_f1"]) == (after["accuracy"], after["macro_f1"])
-
-
-def test_ghost_clipping_matches_hooks_on_lora(finetune):
-    """Same seed, same Poisson batches and noise: ghost norms for peft's LoRA layers equal the hooks'."""
-    ghost, hooks = finetune("ghost"), finetune("hooks")
-    ghost_state, hooks_state = ghost.model.state_dict(), hooks.model.state_dict()
-    for key in ghost.task.shared_keys(ghost.model):
-        torch.testing.assert_close(ghost_state[key], hooks_state[key], rtol=1e-3, atol=1e-4, msg=key)
 
 
 def test_dp_trained_adapters_alone_carry_the_learning(checkpoint, store):
