@@ -3,6 +3,8 @@
     storefed simulate [key=value ...]    local simulation of many virtual stores
     storefed import data=amazon data.path=F data.num_merchants=N out_dir=D
                                          public-format export -> merchant directories
+    storefed certs merchants=[a,b] dns=[host] ips=[10.0.0.5]
+                                         CA, coordinator TLS certificate, merchant node keys
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ PROJECT_ROOT = Path(__file__).resolve().parent
 CONF_DIR = Path(os.environ.get("STOREFED_CONF", PROJECT_ROOT / "conf"))
 
 
-def compose(overrides: list[str]) -> dict:
+def compose(overrides: list[str], config_name: str = "config") -> dict:
     """The resolved configuration (hydra compose: conf/ groups + command-line overrides)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=overrides)
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
 
 
@@ -56,7 +58,30 @@ def cmd_import(overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "import": cmd_import}
+def cmd_certs(overrides: list[str]) -> int:
+    from privacy.certificates import CertificateRequest, create_certificates
+
+    cfg = compose(overrides, config_name="certs")
+    request = CertificateRequest(
+        out_dir=Path(cfg["out_dir"]),
+        merchants=tuple(str(m) for m in cfg["merchants"]),
+        dns_names=tuple(cfg["dns"]),
+        ip_addresses=tuple(str(ip) for ip in cfg["ips"]),
+        days=int(cfg["days"]),
+        organization=str(cfg["organization"]),
+        force=bool(cfg["force"]),
+    )
+    try:
+        written = create_certificates(request)
+    except FileExistsError as exc:
+        print(f"storefed certs: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+COMMANDS = {"simulate": cmd_simulate, "import": cmd_import, "certs": cmd_certs}
 
 
 def main(argv: list[str] | None = None) -> int:
