@@ -5,6 +5,8 @@
                                          public-format export -> merchant directories
     storefed certs merchants=[a,b] dns=[host] ips=[10.0.0.5]
                                          CA, coordinator TLS certificate, merchant node keys
+    storefed server [key=value ...]      the coordinator: SuperLink over TLS gRPC + one federated run
+    storefed merchant data_dir=D private_key=K [key=value ...]   one merchant's agent (SuperNode)
 """
 
 from __future__ import annotations
@@ -81,7 +83,68 @@ def cmd_certs(overrides: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"simulate": cmd_simulate, "import": cmd_import, "certs": cmd_certs}
+def cmd_server(overrides: list[str]) -> int:
+    from server.deployment import DeploymentError, ServerOptions, serve
+    from simulations.runner import resolve_run_dir
+
+    settings = compose(["data=files", "federation=deployment", *overrides])
+    srv = settings["server"]
+    options = ServerOptions(
+        certs_dir=Path(srv["certs_dir"]).resolve(),
+        authorized_dir=Path(srv["authorized_dir"]).resolve(),
+        fleet_address=str(srv["fleet_address"]),
+        control_host=str(srv["control_host"]),
+        control_port=int(srv["control_port"]),
+        insecure=bool(srv["insecure"]),
+        start_timeout_s=float(srv["start_timeout_s"]),
+        run_timeout_s=float(srv["run_timeout_s"]),
+    )
+    if settings["data"].get("source") == "files":
+        settings["data"]["catalog"] = str(Path(settings["data"]["catalog"]).resolve())
+    run_dir = resolve_run_dir(settings, PROJECT_ROOT)
+    try:
+        summary = serve(settings, options, run_dir, PROJECT_ROOT)
+    except (DeploymentError, KeyboardInterrupt) as exc:
+        print(f"storefed server: FAILED: {exc or 'interrupted'}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary["privacy"], indent=2, default=str))
+    print(f"global model: {summary['model']}")
+    return 0
+
+
+def cmd_merchant(overrides: list[str]) -> int:
+    from client.merchant_agent import MerchantOptions, run_merchant
+    from client.merchant_files import MerchantDataError
+
+    cfg = compose(overrides, config_name="merchant")
+    path = lambda key: Path(cfg[key]).resolve() if cfg[key] else None  # noqa: E731
+    options = MerchantOptions(
+        data_dir=Path(cfg["data_dir"]).resolve(),
+        ledger_dir=Path(cfg["ledger_dir"]).resolve(),
+        superlink=str(cfg["superlink"]),
+        catalog=path("catalog"),
+        ca_cert=path("ca_cert"),
+        private_key=path("private_key"),
+        clientappio_port=int(cfg["port"]),
+        insecure=bool(cfg["insecure"]),
+        epsilon_budget=cfg["epsilon_budget"],
+        delta=cfg["delta"],
+        max_wait_time_s=cfg["max_wait_time_s"],
+    )
+    try:
+        return run_merchant(options)
+    except MerchantDataError as exc:
+        print(f"storefed merchant: data check failed, not connecting: {exc}", file=sys.stderr)
+        return 2
+
+
+COMMANDS = {
+    "simulate": cmd_simulate,
+    "import": cmd_import,
+    "certs": cmd_certs,
+    "server": cmd_server,
+    "merchant": cmd_merchant,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,11 +150,15 @@ def make_server_app(settings: dict, run_dir: Path) -> ServerApp:
     return server_app
 
 
-# Deployment entry point (``flwr run``): settings and run dir come from the run config.
+# Deployment entry point (``flwr run``): the run config names the resolved settings file
+# (written by ``storefed server``) and the run directory, both on the coordinator's disk.
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = json.loads(str(context.run_config["settings"]))
+    settings_file = Path(str(context.run_config["settings-file"]))
+    if not settings_file.is_file():
+        raise RunFailed(f"run config settings-file={settings_file} does not exist: start runs with `storefed server`")
+    settings = json.loads(settings_file.read_text(encoding="utf-8"))
     run_federation(grid, settings, Path(str(context.run_config["run-dir"])))

@@ -1,0 +1,193 @@
+"""Secure deployment on loopback: real processes, real TLS, node authentication, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from client.merchant_files import write_catalog, write_merchant_dir
+from conftest import ROOT, SMALL_WORLD
+from privacy.accounting import epsilon_of
+from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+
+MERCHANTS = ("shop-a", "shop-b", "shop-c")
+BIN = Path(sys.executable).parent
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Proc:
+    """A process whose output lines are collected in the background; stopped by PID at the end."""
+
+    def __init__(self, cmd: list[str], log: Path) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log = log
+        self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                      env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        with open(self.log, "w", encoding="utf-8") as out:
+            for line in self.popen.stdout:
+                out.write(line)
+                out.flush()
+                self.lines.put(line)
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                if self.popen.poll() is not None:
+                    break
+                continue
+            if text in line:
+                return line
+        raise AssertionError(f"{text!r} not seen within {timeout} s; log: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, 15)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, 9)
+
+
+def _storefed(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "storefed.py"), *args]
+
+
+@pytest.fixture
+def world(tmp_path):
+    certs, other = tmp_path / "certs", tmp_path / "other-ca"
+    for out, merchants in ((certs, "[shop-a,shop-b,shop-c,rogue]"), (other, "[]")):
+        done = subprocess.run(_storefed("certs", f"out_dir={out}", f"merchants={merchants}"), capture_output=True,
+                              text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    for name in MERCHANTS:  # the rogue key is never registered
+        shutil.copy(certs / "merchants" / f"{name}.pub", authorized)
+    gen = StoreGeneratorConfig(**{**SMALL_WORLD, "mean_customers": 40})
+    catalog = generate_catalog(gen)
+    write_catalog(catalog, tmp_path / "catalog.csv")
+    for i, name in enumerate(MERCHANTS):
+        write_merchant_dir(generate_store(gen, i), catalog, tmp_path / name)
+        shutil.copy(tmp_path / "catalog.csv", tmp_path / name / "catalog.csv")
+    return tmp_path, certs, other, authorized
+
+
+def test_tls_deployment_runs_with_authorized_merchants_and_rejects_the_rest(world):
+    tmp, certs, other, authorized = world
+    fleet, control, *node_ports = _free_ports(9)
+    run_dir = tmp / "run"
+    procs: list[Proc] = []
+    try:
+        server = Proc(_storefed(
+            "server", f"run_dir={run_dir}", f"server.certs_dir={certs}", f"server.authorized_dir={authorized}",
+            f"server.fleet_address=127.0.0.1:{fleet}", f"server.control_port={control}", f"data.catalog={tmp / 'catalog.csv'}",
+            "federation.rounds=2", "task.epochs=1", "privacy.epsilon=8",
+        ), tmp / "server.log")
+        procs.append(server)
+        server.wait_for("registered 3 merchant key(s)", timeout=90)
+        attackers = {
+            "insecure": ["--insecure"],
+            "wrong-ca": ["--root-certificates", str(other / "ca.crt"), "--auth-supernode-private-key", str(certs / "merchants" / "rogue")],
+            "unregistered": ["--root-certificates", str(certs / "ca.crt"), "--auth-supernode-private-key", str(certs / "merchants" / "rogue")],
+            "no-key": ["--root-certificates", str(certs / "ca.crt")],
+        }
+        intruders = {}
+        for (label, flags), port in zip(attackers.items(), node_ports[3:]):
+            intruders[label] = Proc([str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{fleet}", "--max-wait-time", "10",
+                                     "--port", str(port), *flags], tmp / f"intruder-{label}.log")
+            procs.append(intruders[label])
+        for name, port in zip(MERCHANTS, node_ports):
+            procs.append(Proc(_storefed(
+                "merchant", f"data_dir={tmp / name}", f"ledger_dir={tmp / name / 'ledger'}", f"superlink=127.0.0.1:{fleet}",
+                f"ca_cert={certs / 'ca.crt'}", f"private_key={certs / 'merchants' / name}", f"port={port}",
+            ), tmp / f"{name}.log"))
+        rejected = {}
+        for label, proc in intruders.items():
+            rc = proc.popen.wait(timeout=300)
+            time.sleep(0.5)  # let the output pump drain
+            rejected[label] = (rc, proc.log.read_text())
+        assert all(rc != 0 for rc, _ in rejected.values()), {k: v[0] for k, v in rejected.items()}
+        assert "CERTIFICATE_VERIFY_FAILED" in rejected["wrong-ca"][1]
+        assert "Failed to activate SuperNode" in rejected["unregistered"][1]
+        assert "Failed to initialize the connection to the SuperLink" in rejected["no-key"][1]
+        assert "Connection attempt failed" in rejected["insecure"][1]
+
+        # The control API is not served on the public fleet address.
+        probe = subprocess.run(["curl", "-sk", "--max-time", "5", "-X", "POST", f"https://127.0.0.1:{fleet}/v1/control/list-runs",
+                                "-o", "/dev/null", "-w", "%{http_code}"], capture_output=True, text=True)
+        assert probe.stdout.strip() in ("000", ""), probe.stdout
+        control_probe = subprocess.run(["curl", "-sk", "--max-time", "5", "-X", "POST",
+                                        f"https://127.0.0.1:{control}/v1/control/list-runs", "-o", "/dev/null", "-w", "%{http_code}"],
+                                       capture_output=True, text=True)
+        assert control_probe.stdout.strip() not in ("000", "")  # it does answer on the loopback control port
+
+        assert server.popen.wait(timeout=400) == 0, (tmp / "server.log").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert (run_dir / "global_model.safetensors").exists() and (run_dir / "superlink.db").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["trained"] == 3 for r in rows)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reported = sorted(summary["privacy"]["epsilon_by_node"].values())
+    ledgers = [json.loads(next((tmp / name / "ledger").glob("*.ledger.json")).read_text()) for name in MERCHANTS]
+    assert all(len(led["rounds"]) == 2 for led in ledgers)
+    from_ledgers = sorted(
+        epsilon_of([(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in led["rounds"]], led["delta"]) for led in ledgers
+    )
+    assert reported == pytest.approx(from_ledgers)
+
+
+def test_merchant_with_bad_data_fails_before_connecting(tmp_path):
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "catalog.csv").write_text("item_id\nA\n")
+    (tmp_path / "shop" / "interactions.csv").write_text("user_id,item_id,timestamp\nu1,A,yesterday\n")
+    done = subprocess.run(_storefed("merchant", f"data_dir={tmp_path / 'shop'}", "superlink=127.0.0.1:1", "insecure=true"),
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    assert "data check failed, not connecting" in done.stderr and "line 2, field 'timestamp'" in done.stderr
+
+
+def test_insecure_merchant_warns_on_every_start_and_secure_needs_key(world, monkeypatch, capsys):
+    from client import merchant_agent
+    from client.merchant_agent import INSECURE_WARNING, MerchantOptions, run_merchant, supernode_command
+
+    tmp, certs, _, _ = world
+    launched = []
+    monkeypatch.setattr(merchant_agent.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    options = MerchantOptions(data_dir=tmp / "shop-a", ledger_dir=tmp / "ledger", superlink="127.0.0.1:1", insecure=True)
+    for _ in range(2):
+        assert run_merchant(options) == 0
+        assert INSECURE_WARNING in capsys.readouterr().err
+    assert all("--insecure" in cmd and "--auth-supernode-private-key" not in cmd for cmd in launched)
+    with pytest.raises(ValueError, match="merchant.private_key=None is not a file"):
+        supernode_command(MerchantOptions(data_dir=tmp, ledger_dir=tmp, superlink="h:1", ca_cert=certs / "ca.crt"))
+    secure = supernode_command(MerchantOptions(data_dir=tmp, ledger_dir=tmp, superlink="h:1", ca_cert=certs / "ca.crt",
+                                               private_key=certs / "merchants" / "shop-a"))
+    assert "--insecure" not in secure and str(certs / "ca.crt") in secure
