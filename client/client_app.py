@@ -27,7 +27,7 @@ from privacy.accounting import plan_noise_multiplier
 from privacy.dp_sgd import plan_sampling, unwrap
 from privacy.ledger import PrivacyLedger, open_ledger
 
-log = logging.getLogger("storefed.merchant")
+log = logging.getLogger("flwr")  # Flower configures its handlers: lines reach the merchant console
 app = ClientApp()
 
 TRAIN_METRIC_KEYS = (
@@ -85,7 +85,7 @@ def _refusal(msg: Message, reason: str, ledger: PrivacyLedger | None, budget: fl
         "epsilon_budget": budget,
         "delta": delta,
     }
-    log.warning("refused round: %s", reason)
+    log.warning("StoreFed merchant: refused round: %s", reason)
     return _reply(msg, metrics, None, {"refusal": reason})
 
 
@@ -137,9 +137,10 @@ def train(msg: Message, context: Context) -> Message:
     result = train_local(task, model, dataset, local, dp, device)
     record = ledger.record_round(run_id, server_round, noise, result.plan.sample_rate, result.steps)
     log.info(
-        "%s round %d: trained %d steps, epsilon %.3f this round, %.3f of %g total (delta=%g, per %s)",
+        "StoreFed merchant %s round %d: trained %d DP steps, epsilon %.3f this round, %.3f of %g spent "
+        "(delta=%g, per %s, %s accountant, Poisson sampling)",
         data.merchant_id, server_round, result.steps, record.epsilon_round, record.epsilon_total, budget, delta,
-        task.privacy_unit,
+        task.privacy_unit, ledger.accountant.upper(),
     )
     metrics = {
         "num-examples": result.num_units,

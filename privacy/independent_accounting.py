@@ -21,6 +21,8 @@ and the entries are composed with ``ComposedDpEvent``, under add-or-remove-one n
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import dp_accounting
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
@@ -52,9 +54,16 @@ def dp_accounting_epsilon(
         raise ValueError(f"method={method!r} is unknown: choose one of {METHODS}")
     if not history:
         return 0.0
+    key = tuple((float(s), float(q), int(n)) for s, q, n in history)
+    return float(_composed(key, method, pld_discretization).get_epsilon(delta))
+
+
+@lru_cache(maxsize=64)
+def _composed(history: tuple[HistoryEntry, ...], method: str, pld_discretization: float):
+    """The composed accountant (cached: querying several deltas composes only once)."""
     if method == "rdp":
         accountant = RdpAccountant(orders=list(RDPAccountant.DEFAULT_ALPHAS))
     else:
         accountant = PLDAccountant(value_discretization_interval=pld_discretization)
-    accountant.compose(dp_event_of(history))
-    return float(accountant.get_epsilon(delta))
+    accountant.compose(dp_event_of(list(history)))
+    return accountant

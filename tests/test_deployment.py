@@ -162,6 +162,9 @@ def test_tls_deployment_runs_with_authorized_merchants_and_rejects_the_rest(worl
         epsilon_of([(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in led["rounds"]], led["delta"]) for led in ledgers
     )
     assert reported == pytest.approx(from_ledgers)
+    merchant_log = (tmp / "shop-a.log").read_text()
+    assert "merchant data OK" in merchant_log
+    assert "StoreFed merchant shop-a round 2: trained" in merchant_log and "per customer, RDP accountant" in merchant_log
 
 
 def test_merchant_with_bad_data_fails_before_connecting(tmp_path):
