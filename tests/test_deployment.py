@@ -194,3 +194,30 @@ def test_insecure_merchant_warns_on_every_start_and_secure_needs_key(world, monk
     secure = supernode_command(MerchantOptions(data_dir=tmp, ledger_dir=tmp, superlink="h:1", ca_cert=certs / "ca.crt",
                                                private_key=certs / "merchants" / "shop-a"))
     assert "--insecure" not in secure and str(certs / "ca.crt") in secure
+
+
+def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
+    """``flwr run`` reports success on submission; the server must read the run's real final status."""
+    tmp, _, _, _ = world
+    fleet, control, port = _free_ports(3)
+    procs: list[Proc] = []
+    try:
+        server = Proc(_storefed(
+            "server", f"run_dir={tmp / 'run'}", "server.insecure=true", f"server.fleet_address=127.0.0.1:{fleet}",
+            f"server.control_port={control}", f"data.catalog={tmp / 'catalog.csv'}", "federation.num_stores=1",
+            "federation.stores_per_round=1", "federation.eval_stores_per_round=1", "federation.rounds=1",
+            "privacy.grad_sample_mode=bogus",
+        ), tmp / "server.log")
+        procs.append(server)
+        server.wait_for("submitted run", timeout=90)
+        procs.append(Proc(_storefed("merchant", f"data_dir={tmp / 'shop-a'}", f"ledger_dir={tmp / 'ledger'}",
+                                    f"superlink=127.0.0.1:{fleet}", "insecure=true", f"port={port}"), tmp / "merchant.log"))
+        assert server.popen.wait(timeout=300) == 1
+    finally:
+        for proc in procs:
+            proc.stop()
+    log = (tmp / "server.log").read_text()
+    assert "NO TLS and NO merchant authentication" in log
+    assert "FAILED" in log and "finished:failed" in log and "every sampled merchant failed" in log
+    assert json.loads((tmp / "run" / "status.json").read_text())["status"] == "failed"
+    assert "NO TLS" in (tmp / "merchant.log").read_text()
