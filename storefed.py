@@ -7,6 +7,7 @@
                                          CA, coordinator TLS certificate, merchant node keys
     storefed server [key=value ...]      the coordinator: SuperLink over TLS gRPC + one federated run
     storefed merchant data_dir=D private_key=K [key=value ...]   one merchant's agent (SuperNode)
+    storefed merchant status ledger_dir=L   rounds, epsilon spent and left, delta, unit, accountant
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def cmd_merchant(overrides: list[str]) -> int:
     from client.merchant_agent import MerchantOptions, run_merchant
     from client.merchant_files import MerchantDataError
 
+    if overrides[:1] == ["status"]:
+        from privacy.ledger_status import format_ledger_status, ledger_status
+
+        cfg = compose(overrides[1:], config_name="merchant")
+        print(format_ledger_status(ledger_status(Path(cfg["ledger_dir"]))))
+        return 0
     cfg = compose(overrides, config_name="merchant")
     path = lambda key: Path(cfg[key]).resolve() if cfg[key] else None  # noqa: E731
     options = MerchantOptions(

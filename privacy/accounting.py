@@ -37,8 +37,19 @@ def epsilon_of(history: list[HistoryEntry], delta: float, accountant: str = "rdp
             eps, _ = rdp_analysis.get_privacy_spent(orders=_ORDERS, rdp=total, delta=delta)
         return float(eps)
     acc = create_accountant(accountant)
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = _merge_repeats(history)  # same composition, far fewer PRV convolutions
     return float(acc.get_epsilon(delta=delta))
+
+
+def _merge_repeats(history: list[HistoryEntry]) -> list[HistoryEntry]:
+    """Consecutive entries with the same (noise, sample rate) merged by adding their steps."""
+    merged: list[HistoryEntry] = []
+    for s, q, n in history:
+        if merged and merged[-1][:2] == (float(s), float(q)):
+            merged[-1] = (float(s), float(q), merged[-1][2] + int(n))
+        else:
+            merged.append((float(s), float(q), int(n)))
+    return merged
 
 
 _ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)

@@ -9,9 +9,15 @@ of the same method:
   Gaussian, converted to (epsilon, delta) with the same Balle et al. 2020 bound Opacus uses),
   evaluated at Opacus' ``RDPAccountant.DEFAULT_ALPHAS`` so both sides optimise over the same
   orders (dp_accounting's default orders differ and would give a slightly different, equally
-  valid, epsilon);
+  valid, epsilon). Caveat: dp_accounting 0.6.0 evaluates *fractional* orders with a series of
+  absolute values (an upper bound) and drops orders whose series does not converge in 1000
+  terms, so where the optimal order is fractional and near 1 (large epsilon, q >= 0.2, little
+  noise) it reports a larger epsilon than Opacus' exact value; at integer orders the two agree
+  to ~1e-13 (see tests/test_accounting_crosscheck.py);
 - ``method="pld"``: ``dp_accounting.pld.PLDAccountant`` (privacy loss distributions, the
-  numerical-composition counterpart of Opacus' PRV accountant).
+  numerical-composition counterpart of Opacus' PRV accountant). It returns its pessimistic
+  estimate, while Opacus' PRV returns its estimate plus ``eps_error`` (0.01 absolute), so the
+  two differ by about 0.01.
 
 Each history entry ``(noise_multiplier, sample_rate, steps)`` becomes
 ``SelfComposedDpEvent(PoissonSampledDpEvent(sample_rate, GaussianDpEvent(noise_multiplier)), steps)``

@@ -63,3 +63,19 @@ def test_failed_write_keeps_previous_ledger_intact(tmp_path, monkeypatch):
     assert len(ledger.rounds) == 1
     assert [p.name for p in tmp_path.iterdir()] == [ledger.path.name]  # no temp file left behind
     assert len(json.loads(before)["rounds"]) == 1
+
+
+def test_merchant_status_command_prints_the_ledger(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    ledger = _open(tmp_path)
+    ledger.record_round("run", 1, 1.1, 0.5, 4)
+    done = subprocess.run([sys.executable, str(ROOT / "storefed.py"), "merchant", "status", f"ledger_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    spent = epsilon_of([(1.1, 0.5, 4)], 1e-5)
+    assert f"store-1  recommender  rounds 1  epsilon {spent:.3f} of 8 spent, {8 - spent:.3f} left" in done.stdout
+    assert "per customer, delta=1e-05, RDP accountant, Poisson sampling" in done.stdout

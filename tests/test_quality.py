@@ -58,8 +58,8 @@ def test_federated_review_model_beats_majority_class_without_dp(tmp_path):
     """The review model and its federation learn (privacy off: the DP case is reported, not asserted)."""
     _, summary = _run(
         tmp_path,
-        ["task=review", "privacy=none", "federation.num_stores=6", "federation.stores_per_round=3",
-         "federation.eval_stores_per_round=6", "federation.rounds=3"],
+        ["task=review", "privacy=none", "federation.num_stores=6", "federation.stores_per_round=6",
+         "federation.eval_stores_per_round=6", "federation.rounds=4", "task.epochs=20"],
     )
     final = summary["final_eval"]
     print({k: v for k, v in final.items() if k.startswith("eval_")})
