@@ -104,8 +104,9 @@ def _proximal_step(model: nn.Module, anchor: dict[str, torch.Tensor], rate: floa
 
 
 def _noise_only_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """A DP step on an empty batch: zero per-sample gradients, noise added by Opacus."""
+    """A DP step on an empty batch: a zero gradient sum, to which Opacus adds the noise as usual."""
     for p in model.parameters():
         if p.requires_grad:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # hooks mode reads these
+            p.grad = torch.zeros_like(p)  # ghost mode reads the (already clipped) summed gradient
     optimizer.step()

@@ -135,3 +135,23 @@ def test_dp_noise_and_sampling_are_not_reproducible_from_public_seeds():
         results.append(model.output.bias.detach().clone())
     assert not torch.equal(results[0], results[1])
     assert float((results[0] - results[1]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_empty_poisson_batches_still_take_a_noisy_step(mode):
+    """With batch_size=1 many Poisson batches are empty; each is still a DP step (noise on a zero sum)."""
+    import torch
+
+    from client.local_training import DPParams, LocalTrainingConfig, train_local
+    from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+
+    gen = StoreGeneratorConfig(num_items=100, mean_customers=30)
+    task = build_task({"name": "recommender", "embedding_dim": 8}, generate_catalog(gen))
+    dataset = task.train_dataset(generate_store(gen, 2))
+    model = task.build_model()
+    before = model.output.bias.detach().clone()
+    result = train_local(task, model, dataset, LocalTrainingConfig(epochs=1, batch_size=1, lr=0.1, optimizer="sgd"),
+                         DPParams(1.0, 1.0, mode), torch.device("cpu"))
+    assert result.steps == len(dataset)  # every planned step was taken, empty or not
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(before, model.output.bias)
