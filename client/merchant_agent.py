@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.merchant_files import load_catalog, load_merchant_dir, summarize
+from server.deployment import flower_env
 
 INSECURE_WARNING = (
     "WARNING: insecure=true: NO TLS and NO node authentication; model updates travel in clear text. "
@@ -82,4 +83,4 @@ def run_merchant(options: MerchantOptions) -> int:
     command = supernode_command(options)
     if options.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    return subprocess.call(command, env=flower_env())

@@ -63,6 +63,16 @@ def _flwr_bin(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+def flower_env(**extra: str) -> dict:
+    """The environment for Flower processes: this interpreter's bin directory first on PATH.
+
+    SuperLink and SuperNode start helper executables (``flower-superexec``, ``flwr-clientapp``) by
+    name, so they must be found even when the virtual environment is not activated.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    return dict(os.environ, PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), **extra)
+
+
 def write_connection(flwr_home: Path, options: ServerOptions) -> None:
     """The Flower CLI connection ``storefed`` (control API address + CA) in a project-local FLWR_HOME."""
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{options.control_address}"']
@@ -178,7 +188,7 @@ def serve(settings: dict, options: ServerOptions, run_dir: Path, project_root: P
     atomic_write_text(settings_file, json.dumps(settings, indent=2))
     flwr_home = run_dir / "flwr-home"
     write_connection(flwr_home, options)
-    env = dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env = flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     log = open(run_dir / "superlink.log", "ab")
     superlink = subprocess.Popen(superlink_command(options, run_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

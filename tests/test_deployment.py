@@ -18,6 +18,7 @@ import pytest
 from client.merchant_files import write_catalog, write_merchant_dir
 from conftest import ROOT, SMALL_WORLD
 from privacy.accounting import epsilon_of
+from server.deployment import flower_env
 from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 MERCHANTS = ("shop-a", "shop-b", "shop-c")
@@ -41,7 +42,7 @@ class Proc:
         self.lines: queue.Queue[str] = queue.Queue()
         self.log = log
         self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                      env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+                                      env=flower_env(PYTHONPATH=str(ROOT)), start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -183,7 +184,7 @@ def test_insecure_merchant_warns_on_every_start_and_secure_needs_key(world, monk
 
     tmp, certs, _, _ = world
     launched = []
-    monkeypatch.setattr(merchant_agent.subprocess, "call", lambda cmd: launched.append(cmd) or 0)
+    monkeypatch.setattr(merchant_agent.subprocess, "call", lambda cmd, env=None: launched.append(cmd) or 0)
     options = MerchantOptions(data_dir=tmp / "shop-a", ledger_dir=tmp / "ledger", superlink="127.0.0.1:1", insecure=True)
     for _ in range(2):
         assert run_merchant(options) == 0
