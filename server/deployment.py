@@ -179,6 +179,10 @@ def wait_for_run(run_id: str, run_dir: Path, env: dict, timeout_s: float, poll_s
     raise DeploymentError(f"run {run_id} did not finish within {timeout_s:.0f} s")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt()
+
+
 def serve(settings: dict, options: ServerOptions, run_dir: Path, project_root: Path) -> dict:
     """Start the SuperLink, register merchants, run one federation, stop the SuperLink."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,7 +195,7 @@ def serve(settings: dict, options: ServerOptions, run_dir: Path, project_root: P
     env = flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     log = open(run_dir / "superlink.log", "ab")
     superlink = subprocess.Popen(superlink_command(options, run_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the SuperLink like Ctrl-C
     try:
         wait_for_port(options.control_host, options.control_port, options.start_timeout_s, superlink)
         host, port = options.fleet_address.rsplit(":", 1)

@@ -38,8 +38,8 @@ class RunLog:
         if epsilons and self.dp:
             row["epsilon_total_max"] = max(epsilons)
             row["delta"] = max(m.content["metrics"]["delta"] for m in screening.accepted)
-        for node, msg in zip([m.metadata.src_node_id for m in screening.accepted], screening.accepted):
-            self.merchant_epsilon[str(node)] = float(msg.content["metrics"]["epsilon_total"])
+        for msg in screening.accepted:
+            self.merchant_epsilon[str(msg.metadata.src_node_id)] = float(msg.content["metrics"]["epsilon_total"])
         for kind in ("refused", "failed", "rejected"):
             for node, reason in getattr(screening, kind).items():
                 print(f"  round {server_round}: merchant node {node} {kind}: {reason}", flush=True)

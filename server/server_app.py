@@ -84,18 +84,20 @@ def _run(grid: Grid, settings: dict, run_dir: Path) -> dict:
     expected = {k: tuple(v.shape) for k, v in shared.items()}
     privacy = to_clients["privacy"]
     log = RunLog(run_dir, task.name, task.privacy_unit, privacy["accountant"], bool(privacy["enabled"]))
-    failures: list[str] = []
 
     def on_screened(server_round: int, screening: RoundScreening) -> None:
         log.on_screened(server_round, screening)
         if screening.failed and not (screening.accepted or screening.refused or screening.rejected):
-            failures.append(f"round {server_round}: every sampled merchant failed: {next(iter(screening.failed.values()))}")
+            raise RunFailed(f"round {server_round}: every sampled merchant failed: {next(iter(screening.failed.values()))}")
 
-    strategy = build_strategy(settings["strategy"], settings["federation"], expected, on_screened)
+    strategy = build_strategy(settings["strategy"], settings["federation"], expected, on_screened, log.on_round_end)
     config = ConfigRecord({"storefed": json.dumps(to_clients)})
     rounds = int(settings["federation"]["rounds"])
     started = time.time()
-    result = _start_with_round_hooks(strategy, grid, ArrayRecord(shared), rounds, config, log, failures)
+    result = strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, train_config=config,
+        evaluate_config=ConfigRecord(dict(config)),
+    )
     final = result.arrays.to_torch_state_dict() if len(result.arrays) else shared
     save_global_model(run_dir, final, to_clients["task"], catalog.num_items)
     summary = {
@@ -108,29 +110,6 @@ def _run(grid: Grid, settings: dict, run_dir: Path) -> dict:
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def _start_with_round_hooks(strategy, grid, arrays, rounds, config, log: RunLog, failures: list[str]):
-    """``strategy.start`` with per-round logging and fail-fast on all-failed rounds."""
-    base_train, base_eval = strategy.aggregate_train, strategy.aggregate_evaluate
-    latest_train: dict[int, dict] = {}
-
-    def aggregate_train(server_round, replies):
-        arrays_out, metrics = base_train(server_round, replies)
-        if failures:
-            raise RunFailed(failures[-1])
-        latest_train[server_round] = dict(metrics) if metrics else {}
-        return arrays_out, metrics
-
-    def aggregate_evaluate(server_round, replies):
-        metrics = base_eval(server_round, replies)
-        log.on_round_end(server_round, latest_train.pop(server_round, None), dict(metrics) if metrics else None)
-        return metrics
-
-    strategy.aggregate_train, strategy.aggregate_evaluate = aggregate_train, aggregate_evaluate
-    return strategy.start(
-        grid=grid, initial_arrays=arrays, num_rounds=rounds, train_config=config, evaluate_config=ConfigRecord(dict(config))
-    )
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None, detail: str | None = None) -> None:

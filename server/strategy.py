@@ -37,12 +37,20 @@ def build_strategy(
     federation_cfg: dict,
     expected: dict[str, tuple[int, ...]],
     on_screened: Callable[[int, RoundScreening], None],
+    on_round_end: Callable[[int, dict | None, dict | None], None] | None = None,
 ):
-    """The configured Flower strategy, screening replies before Flower aggregates them."""
+    """The configured Flower strategy, screening replies before Flower aggregates them.
+
+    ``on_screened(round, screening)`` sees every round's replies before aggregation (it may raise
+    to stop the run); ``on_round_end(round, train_metrics, eval_metrics)`` gets the aggregated
+    metrics once the round's evaluation is done.
+    """
     name = strategy_cfg.get("name", "fedavg")
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name={name!r} is unknown: choose one of {sorted(STRATEGIES)}")
     base = STRATEGIES[name]
+
+    latest_train: dict[int, dict] = {}  # aggregated train metrics of rounds not yet evaluated
 
     class ScreenedStrategy(base):  # type: ignore[misc, valid-type]
         def aggregate_train(
@@ -52,7 +60,15 @@ def build_strategy(
             on_screened(server_round, screening)
             if not screening.accepted:
                 return None, None
-            return super().aggregate_train(server_round, screening.accepted)
+            arrays, metrics = super().aggregate_train(server_round, screening.accepted)
+            latest_train[server_round] = dict(metrics) if metrics else {}
+            return arrays, metrics
+
+        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+            metrics = super().aggregate_evaluate(server_round, replies)
+            if on_round_end is not None:
+                on_round_end(server_round, latest_train.pop(server_round, None), dict(metrics) if metrics else None)
+            return metrics
 
     num_stores = int(federation_cfg["num_stores"])
     per_round = int(federation_cfg["stores_per_round"])
