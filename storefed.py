@@ -8,6 +8,8 @@
     storefed server [key=value ...]      the coordinator: SuperLink over TLS gRPC + one federated run
     storefed merchant data_dir=D private_key=K [key=value ...]   one merchant's agent (SuperNode)
     storefed merchant status ledger_dir=L   rounds, epsilon spent and left, delta, unit, accountant
+    storefed evaluate [key=value ...]    privacy-utility evaluation on real data (baselines, local, federated)
+    storefed audit [key=value ...]       one-run canary audit: empirical lower bound on epsilon
 """
 
 from __future__ import annotations
@@ -145,12 +147,26 @@ def cmd_merchant(overrides: list[str]) -> int:
         return 2
 
 
+def cmd_evaluate(overrides: list[str]) -> int:
+    from simulations.evaluation.command import run_evaluate_command
+
+    return run_evaluate_command(overrides)
+
+
+def cmd_audit(overrides: list[str]) -> int:
+    from privacy.audit_command import run_audit_command
+
+    return run_audit_command(overrides)
+
+
 COMMANDS = {
     "simulate": cmd_simulate,
     "import": cmd_import,
     "certs": cmd_certs,
     "server": cmd_server,
     "merchant": cmd_merchant,
+    "evaluate": cmd_evaluate,
+    "audit": cmd_audit,
 }
 
 
