@@ -1,0 +1,215 @@
+"""`storefed evaluate`: does federating under DP pay off for merchants? One command, one run dir.
+
+    storefed evaluate task=recommender data=amazon evaluate.num_merchants=[10,50] evaluate.seeds=[0,1,2]
+
+For every cell (K merchants x partition x seed) of the grid in ``conf/evaluate.yaml``, every
+method (``grid.METHODS``) is trained and scored on the same partition and the same held-out
+split; results go to ``<run_dir>/results.{json,csv,md}`` (rewritten after each cell) and
+``privacy_utility.png``. Exit status: 0 done, 2 configuration error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+
+from client.data_source import load_simulated
+from client.local_training import LocalTrainingConfig
+from models.task import build_task
+from privacy.atomic_files import atomic_write_text
+from server.server_app import client_settings
+from simulations.evaluation import methods
+from simulations.evaluation.federated import global_model, run_federated
+from simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings
+from simulations.evaluation.plot import privacy_utility_plot
+from simulations.evaluation.report import write_results
+
+FEDERATED_PATH = (
+    "in-process federation: client.client_app.train per merchant (train_local, ledger, auto noise planning) "
+    "+ server.strategy screening and Flower FedAvg/FedProx.aggregate_train; no Ray"
+)
+LOCAL_BASELINE_PREFIX = {"recommender": "local_pop_", "review": "local_majority_"}
+
+
+def run_evaluate_command(overrides: list[str]) -> int:
+    """Entry point of `storefed evaluate`; returns the exit status."""
+    from hydra.errors import HydraException
+
+    from storefed import PROJECT_ROOT, compose
+
+    try:
+        settings = compose(overrides, config_name="evaluate")
+        spec = build_spec(settings)
+        check_data(settings, spec)
+        run_dir = resolve_run_dir(settings, spec, PROJECT_ROOT)
+    except (ValueError, HydraException) as exc:
+        print(f"storefed evaluate: {exc}", file=sys.stderr)
+        return 2
+    started = time.time()
+    paths = evaluate(settings, spec, run_dir, command=["storefed", "evaluate", *overrides])
+    print(Path(paths["md"]).read_text(encoding="utf-8"))
+    print(f"storefed evaluate: done in {time.time() - started:.0f} s; results in {run_dir}")
+    return 0
+
+
+def check_data(settings: dict, spec: EvalSpec) -> None:
+    """Refuse a grid the data cannot support (more merchants than customers, unreadable file)."""
+    from simulations.importers import read_amazon_reviews, read_movielens
+
+    data = settings["data"]
+    reader = read_amazon_reviews if data["source"] == "amazon" else read_movielens
+    _, table = reader(data["path"])
+    k = max(c.num_merchants for c in spec.cells)
+    if k > table.num_users:
+        raise ValueError(
+            f"evaluate.num_merchants has K={k} but {data['path']} has only {table.num_users} customers: "
+            f"use K <= {table.num_users} (every merchant needs at least one customer)"
+        )
+    if spec.task == "review" and not any(t.strip() for t in table.text):
+        raise ValueError(f"{data['path']} has no review text: use task=recommender")
+
+
+def resolve_run_dir(settings: dict, spec: EvalSpec, project_root: Path) -> Path:
+    if settings.get("run_dir"):
+        run_dir = Path(settings["run_dir"]).resolve()
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ValueError(
+                f"run_dir={run_dir} is not empty (it may hold privacy ledgers of an earlier evaluation): "
+                "choose a new run_dir"
+            )
+        return run_dir
+    return (project_root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-evaluate-{spec.task}").resolve()
+
+
+def evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] | None = None) -> dict[str, Path]:
+    """Run the whole grid; returns the written files (results json/csv/md, plot png)."""
+    torch.set_num_threads(max(1, spec.threads))
+    for message in (".*Secure RNG turned off.*", ".*Full backward hook is firing.*", ".*Optimal order is the.*"):
+        warnings.filterwarnings("ignore", message=message)  # Opacus notes repeated per training session
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
+    privacy = settings["privacy"]
+    probe = client_settings(cell_settings(settings, spec.cells[0], spec), run_dir)
+    meta = {
+        "task": spec.task,
+        "data": f"{settings['data']['source']}:{Path(settings['data']['path']).name}",
+        "unit": "customer" if spec.task == "recommender" else "review",
+        "delta": float(privacy.get("delta") or 0.0),
+        "accountant": str(privacy.get("accountant")),
+        "max_grad_norm": privacy.get("max_grad_norm"),
+        "rounds": spec.rounds,
+        "participation": "all merchants every round" if spec.stores_per_round is None
+        else f"{spec.stores_per_round} merchants per round",
+        "local_epochs": int(probe["local"]["epochs"]),
+        "local": probe["local"],
+        "strategy": settings["strategy"],
+        "federated_path": FEDERATED_PATH,
+        "command": " ".join(command or []),
+        "machine": f"{platform.machine()}, {platform.system()}, torch threads {spec.threads}",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    rows: list[dict] = []
+    started = time.time()
+    paths: dict[str, Path] = {}
+    for n, cell in enumerate(spec.cells, 1):
+        print(f"[{n}/{len(spec.cells)}] {cell.name} ({time.time() - started:.0f} s)", flush=True)
+        rows += evaluate_cell(settings, spec, cell, run_dir / cell.name)
+        meta["wall_seconds"] = round(time.time() - started, 1)
+        paths = write_results(run_dir, spec.task, meta, rows)
+    from simulations.evaluation.report import summarize
+
+    paths["png"] = privacy_utility_plot(
+        run_dir / "privacy_utility.png", spec.task, summarize(rows), meta["unit"], meta["delta"]
+    )
+    return paths
+
+
+def evaluate_cell(settings: dict, spec: EvalSpec, cell: Cell, cell_dir: Path) -> list[dict]:
+    """Every method of one cell, on one partition and one held-out split."""
+    base = cell_settings(settings, cell, spec)
+    base["privacy"]["ledger_dir"] = None
+    to_clients = client_settings(base, cell_dir)
+    catalog, first = load_simulated(to_clients["data"], 0)
+    merchants = [first] + [load_simulated(to_clients["data"], k)[1] for k in range(1, cell.num_merchants)]
+    task = build_task(to_clients["task"], catalog)
+    local_cfg = LocalTrainingConfig(**to_clients["local"])
+    privacy = base["privacy"]
+    rows: list[dict] = []
+
+    def add(method: str, metrics: dict, seconds: float, epsilon: float | None = None, info: dict | None = None) -> None:
+        info = info or {}
+        rows.append({
+            "task": spec.task,
+            "data": settings["data"]["source"],
+            "num_merchants": cell.num_merchants,
+            "partition": cell.partition,
+            "seed": cell.seed,
+            "method": method,
+            "epsilon": epsilon,
+            "epsilon_spent": info.pop("epsilon_spent", None),
+            "delta": float(privacy["delta"]) if epsilon is not None else None,
+            "unit": task.privacy_unit,
+            "accountant": str(privacy["accountant"]) if epsilon is not None else None,
+            "private": epsilon is not None,
+            "seconds": round(seconds, 2),
+            "metrics": metrics,
+            "details": info,
+        })
+
+    def model_metrics(metrics: dict) -> dict:
+        return methods.strip_local_baselines(metrics, LOCAL_BASELINE_PREFIX[spec.task])[0]
+
+    dp = {key: privacy[key] for key in ("delta", "max_grad_norm", "grad_sample_mode", "accountant")}
+    for method in spec.methods:
+        epsilons = spec.epsilons if method in DP_METHODS else (None,)
+        for epsilon in epsilons:
+            t0 = time.time()
+            if method in ("popularity", "majority"):
+                fn = methods.popularity if method == "popularity" else methods.majority
+                global_metrics, local_metrics = fn(task, merchants)
+                add(method, global_metrics, time.time() - t0)
+                add(f"local_{method}", local_metrics, time.time() - t0)
+            elif method == "tfidf_logreg":
+                add(method, methods.tfidf_logreg(task, merchants, spec.tfidf_max_features, cell.seed), time.time() - t0)
+            elif method in ("centralized", "centralized_dp"):
+                dp_cfg = None if epsilon is None else dict(dp, epsilon=epsilon)
+                metrics, info = methods.centralized(task, merchants, local_cfg, spec.rounds, dp_cfg)
+                add(method, model_metrics(metrics), time.time() - t0, epsilon, info)
+            elif method == "local":
+                add(method, model_metrics(methods.local_only(task, merchants, local_cfg, spec.rounds)), time.time() - t0)
+            else:  # federated, federated_dp
+                fed = dict(base, privacy=dict(privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf")))
+                name = method if epsilon is None else f"{method}-eps{epsilon:g}"
+                result = run_federated(fed, cell_dir / name)
+                fed_task, model = global_model(fed, cell_dir / name, result.state)
+                metrics = model_metrics(methods.evaluate_model(fed_task, model, merchants))
+                info = {"trained_updates": result.trained, "refused": result.refused}
+                if epsilon is not None:
+                    spent = result.epsilon_by_merchant.values()
+                    info.update(
+                        epsilon_spent=max(spent) if spent else 0.0,
+                        planned_rounds=result.planned_rounds,
+                        noise_multiplier_min=min(result.noise_multipliers, default=None),
+                        noise_multiplier_max=max(result.noise_multipliers, default=None),
+                    )
+                add(method, metrics, time.time() - t0, epsilon, info)
+            print(f"    {rows[-1]['method']:<16} eps={_fmt(epsilon):<5} {_brief(rows[-1]['metrics'])} "
+                  f"({rows[-1]['seconds']:.1f} s)", flush=True)
+    (cell_dir / "rows.json").parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cell_dir / "rows.json", json.dumps(rows, indent=2, default=str))
+    return rows
+
+
+def _fmt(epsilon: float | None) -> str:
+    return "-" if epsilon is None else f"{epsilon:g}"
+
+
+def _brief(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k not in ("num-examples", "merchants") and not k.startswith("sampled"))
