@@ -1,0 +1,237 @@
+"""``storefed audit [key=value ...]``: one-run canary audit, printed and written to ``<run_dir>/audit.json``.
+
+Configuration: ``conf/audit.yaml`` (task, privacy and data groups as for ``storefed simulate``,
+plus the ``audit`` block). Exit status 0 when the audit ran, 2 with one line naming the problem
+when the configuration is unusable. What the numbers mean (and do not mean): ``STATEMENT``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from privacy.atomic_files import atomic_write_text
+from privacy.audit_run import AuditConfigError, AuditPlan, AuditRun, real_histories_of_stores, run_audit
+
+STATEMENT = (
+    "An audit lower bound can only show leakage, never prove privacy: a small or zero bound does not "
+    "mean the run is private, and only the theoretical epsilon is a guarantee. A bound far below the "
+    "theoretical epsilon is expected for a one-run black-box audit (Steinke, Nasr & Jagielski 2023 "
+    "report the same for DP-SGD); a bound above it would mean the guarantee does not hold."
+)
+METHOD = "one-run canary audit (Steinke, Nasr & Jagielski, NeurIPS 2023, Theorem 5.2 with delta)"
+
+
+def _int(value, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+        raise AuditConfigError(f"{key}={value!r}: expected an integer >= {minimum}")
+    return int(value)
+
+
+def _float(value, key: str, low: float, high: float, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AuditConfigError(f"{key}={value!r}: expected a number {what}") from None
+    if not (low < number < high):
+        raise AuditConfigError(f"{key}={value!r}: must be {what}")
+    return number
+
+
+def build_plan(cfg: dict) -> AuditPlan:
+    """Validate the composed configuration and build the audit plan (one clear error per problem)."""
+    from client.data_source import generator_config
+    from client.local_training import LocalTrainingConfig
+    from privacy.accounting import check_accountant
+    from privacy.dp_sgd import GRAD_SAMPLE_MODES
+    from simulations.virtual_stores import generate_catalog, generate_store
+
+    task, privacy, data, audit = cfg["task"], cfg["privacy"], cfg["data"], cfg["audit"]
+    if task.get("name") != "recommender":
+        raise AuditConfigError(
+            f"task={task.get('name')!r}: storefed audit audits the recommender (DP unit = customer, canaries are "
+            "random-history customers); use task=recommender"
+        )
+    if data.get("source") != "virtual":
+        raise AuditConfigError(f"data={data.get('source')!r}: storefed audit runs on virtual stores; use data=virtual")
+    m = _int(audit["canaries"], "audit.canaries", 2)
+    guesses = audit["guesses"] if isinstance(audit["guesses"], list) else [audit["guesses"]]
+    if not guesses:
+        raise AuditConfigError("audit.guesses=[]: give at least one guess count, e.g. audit.guesses=[100]")
+    guesses = [_int(r, "audit.guesses", 1) for r in guesses]
+    if max(guesses) > m:
+        raise AuditConfigError(
+            f"audit.guesses={guesses}: {max(guesses)} guesses but only audit.canaries={m} canaries; "
+            "each guess count must be at most the number of canaries"
+        )
+    length = _int(audit["canary_length"], "audit.canary_length", 2)
+    gen = generator_config(dict(data, seed=cfg["seed"]))
+    catalog = generate_catalog(gen)
+    if length > catalog.num_items:
+        raise AuditConfigError(f"audit.canary_length={length}: at most the catalog size {catalog.num_items}")
+    confidence = _float(audit["confidence"], "audit.confidence", 0.0, 1.0, "strictly between 0 and 1, e.g. 0.95")
+    stores = _int(audit["stores"], "audit.stores", 0)
+    epochs = _int(task["epochs"] if audit["epochs"] is None else audit["epochs"], "audit.epochs", 1)
+    batch_size = _int(task["batch_size"], "task.batch_size", 1)
+    private = bool(privacy["enabled"])
+    epsilon, delta = float(privacy["epsilon"]), float(privacy["delta"])
+    if private:
+        epsilon = _float(privacy["epsilon"], "privacy.epsilon", 0.0, math.inf, "a finite number > 0, e.g. 8")
+        delta = _float(privacy["delta"], "privacy.delta", 0.0, 1.0, "strictly between 0 and 1, e.g. 1e-5")
+        try:
+            check_accountant(str(privacy["accountant"]))
+        except ValueError as exc:
+            raise AuditConfigError(str(exc)) from None
+        if privacy["noise_multiplier"] != "auto":
+            _float(privacy["noise_multiplier"], "privacy.noise_multiplier", 0.0, math.inf, "> 0 or auto")
+        _float(privacy["max_grad_norm"], "privacy.max_grad_norm", 0.0, math.inf, "> 0")
+        if privacy["grad_sample_mode"] not in GRAD_SAMPLE_MODES:
+            raise AuditConfigError(f"privacy.grad_sample_mode={privacy['grad_sample_mode']!r}: choose one of {GRAD_SAMPLE_MODES}")
+    audit_delta = audit["delta"] if audit["delta"] is not None else (delta if private else 1e-5)
+    audit_delta = float(audit_delta)
+    if not (0.0 <= audit_delta < 1.0):
+        raise AuditConfigError(f"audit.delta={audit_delta!r}: must be in [0, 1), e.g. 1e-5 (or null for privacy.delta)")
+    max_history = int(task.get("max_history", 50))
+    real = real_histories_of_stores([generate_store(gen, s) for s in range(stores)], max_history)
+    task_cfg = dict(task, seed=cfg["seed"])
+    return AuditPlan(
+        task_cfg=task_cfg,
+        catalog=catalog,
+        real_histories=real,
+        canaries=m,
+        canary_length=length,
+        canary_seed=_int(audit["seed"], "audit.seed", 0),
+        guesses=guesses,
+        confidence=confidence,
+        audit_delta=audit_delta,
+        local=LocalTrainingConfig(epochs=epochs, batch_size=batch_size, lr=float(task["lr"]), optimizer=str(task["optimizer"])),
+        private=private,
+        epsilon_target=epsilon,
+        delta=delta,
+        accountant=str(privacy["accountant"]),
+        noise_multiplier=privacy["noise_multiplier"],
+        max_grad_norm=float(privacy["max_grad_norm"]),
+        grad_sample_mode=str(privacy["grad_sample_mode"]),
+    )
+
+
+def audit_record(plan: AuditPlan, run: AuditRun) -> dict:
+    """The contents of ``audit.json`` (numbers, units and the plain-English statement)."""
+    b = run.bound
+    guess = b.best
+    return {
+        "method": METHOD,
+        "task": "recommender",
+        "unit": "customer",
+        "theoretical": {
+            "private": plan.private,
+            "epsilon": run.epsilon_theory,  # null without DP: no guarantee at all
+            "epsilon_target": plan.epsilon_target if plan.private else None,
+            "delta": plan.delta if plan.private else None,
+            "accountant": plan.accountant if plan.private else None,
+            "sampling": "Poisson" if plan.private else "shuffled batches (no DP)",
+            "sample_rate": run.sample_rate,
+            "noise_multiplier": run.noise_multiplier,
+            "max_grad_norm": plan.max_grad_norm if plan.private else None,
+            "steps": run.steps,
+            "epochs": plan.local.epochs,
+            "batch_size": plan.local.batch_size,
+            "guarantee": (
+                f"({run.epsilon_theory:.4g}, {plan.delta:g})-DP per customer, {plan.accountant.upper()} accountant, "
+                "Poisson sampling"
+                if plan.private
+                else "NONE: privacy=none, this training run carries no differential-privacy guarantee"
+            ),
+        },
+        "empirical": {
+            "epsilon_lower_bound": b.epsilon_lower,
+            "confidence": b.confidence,
+            "delta": b.delta,
+            "canaries": b.canaries,
+            "canaries_included": int(run.canaries.included.sum()),
+            "guesses": guess.guesses,
+            "guesses_in": guess.k_in,
+            "guesses_out": guess.k_out,
+            "correct": guess.correct,
+            "correct_in": guess.correct_in,
+            "correct_out": guess.correct_out,
+            "score": "minus the canary's mean next-item cross-entropy (nats); higher = guessed in",
+            "threshold_in": guess.threshold_in,
+            "threshold_out": guess.threshold_out,
+            "guess_counts_tried": [g.guesses for g, _ in b.tested],
+            "bounds_per_guess_count": [{"guesses": g.guesses, "correct": g.correct, "epsilon_lower_bound": e} for g, e in b.tested],
+            "multiple_testing": f"Bonferroni over {len(b.tested)} guess count(s): each tested at level {b.level_per_test:.4g}",
+        },
+        "data": {
+            "dp_units": run.num_units,
+            "real_customers": run.real_units,
+            "canary_length": plan.canary_length,
+            "canary_seed": plan.canary_seed,
+            "train_loss": run.train_loss,
+        },
+        "statement": STATEMENT,
+    }
+
+
+def format_report(record: dict) -> str:
+    """The printed report: theoretical guarantee next to the empirical lower bound."""
+    t, e, d = record["theoretical"], record["empirical"], record["data"]
+    if t["private"]:
+        training = (
+            f"DP-SGD (Opacus), Poisson sampling rate {t['sample_rate']:.4g}, noise multiplier {t['noise_multiplier']:.4g}, "
+            f"max_grad_norm {t['max_grad_norm']:g}, {t['steps']} steps"
+        )
+        theory = f"{t['epsilon']:.3f} (per customer, delta={t['delta']:g}, {t['accountant'].upper()} accountant, Poisson sampling)"
+    else:
+        training = f"NO differential privacy (privacy=none), {t['steps']} steps"
+        theory = "none: privacy=none carries no guarantee (epsilon = infinity)"
+    lines = [
+        f"StoreFed audit: {record['method']}",
+        f"  training        : {training}; {d['dp_units']} customers ({d['real_customers']} real + {e['canaries_included']} canaries)",
+        f"  theoretical eps : {theory}",
+        f"  canaries        : m={e['canaries']} random-history customers ({d['canary_length']} items), each included with probability 1/2",
+        f"  guesses         : {e['guesses']} ({e['guesses_in']} in, {e['guesses_out']} out, the rest abstained), "
+        f"correct {e['correct']} ({e['correct_in']} in + {e['correct_out']} out)",
+        f"  score threshold : in if loss <= {-e['threshold_in']:.4f} nats, out if loss >= {-e['threshold_out']:.4f} nats",
+        f"  empirical eps   : >= {e['epsilon_lower_bound']:.3f} at {e['confidence']:.0%} confidence (delta={e['delta']:g}; "
+        f"{e['multiple_testing']}; tried {e['guess_counts_tried']})",
+        f"  note            : {record['statement']}",
+    ]
+    return "\n".join(lines)
+
+
+def _run_dir(cfg: dict) -> Path:
+    if cfg.get("run_dir"):
+        return Path(cfg["run_dir"]).resolve()
+    from storefed import PROJECT_ROOT
+
+    return PROJECT_ROOT / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{'dp' if cfg['privacy']['enabled'] else 'none'}"
+
+
+def run_audit_command(overrides: list[str]) -> int:
+    """Compose ``conf/audit.yaml`` with ``overrides``, run the audit, print it and write ``audit.json``."""
+    from hydra.errors import HydraException
+
+    from client.device import choose_device
+    from storefed import compose
+
+    try:
+        cfg = compose(overrides, config_name="audit")
+        plan = build_plan(cfg)
+        try:
+            device = choose_device(str(cfg.get("device", "auto")))
+        except (ValueError, RuntimeError) as exc:
+            raise AuditConfigError(str(exc)) from None
+        run = run_audit(plan, device)
+    except (AuditConfigError, HydraException) as exc:
+        print(f"storefed audit: {exc}", file=sys.stderr)
+        return 2
+    record = audit_record(plan, run)
+    out = _run_dir(cfg) / "audit.json"
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    print(format_report(record))
+    print(f"  written         : {out}")
+    return 0
