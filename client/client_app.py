@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -22,6 +23,7 @@ from flwr.clientapp import ClientApp
 from client.data_source import load_for_node
 from client.device import choose_device
 from client.local_training import DPParams, LocalTrainingConfig, train_local
+from client.secure_train import secure_aggregation_router
 from models.task import Task, build_task
 from privacy.accounting import plan_noise_multiplier
 from privacy.dp_sgd import plan_sampling, unwrap
@@ -60,23 +62,38 @@ def _privacy_settings(settings: dict, node_config: dict) -> dict:
 
 def _prepare(msg: Message, context: Context) -> tuple[dict, Task, torch.nn.Module, object, torch.device]:
     settings = _settings(msg)
+    return (settings, *_load(settings, msg.content["arrays"].to_torch_state_dict(), context))
+
+
+def _load(
+    settings: dict, global_state: dict[str, torch.Tensor], context: Context
+) -> tuple[Task, torch.nn.Module, object, torch.device]:
+    """This node's task, the global model loaded with ``global_state``, its data and device."""
     catalog, data = load_for_node(settings["data"], dict(context.node_config))
     task = build_task(settings["task"], catalog)
     model = task.build_model()
-    global_state = msg.content["arrays"].to_torch_state_dict()
     model.load_state_dict(global_state, strict=False)
     device = choose_device(str(settings.get("device", "auto")))
-    return settings, task, model, data, device
+    return task, model, data, device
 
 
-def _reply(msg: Message, metrics: dict, arrays: ArrayRecord | None, privacy: dict[str, str]) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "privacy": ConfigRecord(privacy)})
-    if arrays is not None:
-        content["arrays"] = arrays
+@dataclass
+class TrainOutcome:
+    """What a merchant releases for one train round (tensors are ``None`` for a refusal)."""
+
+    metrics: dict[str, float]
+    arrays: ArrayRecord | None
+    privacy: dict[str, str]
+
+
+def _reply(msg: Message, outcome: TrainOutcome) -> Message:
+    content = RecordDict({"metrics": MetricRecord(outcome.metrics), "privacy": ConfigRecord(outcome.privacy)})
+    if outcome.arrays is not None:
+        content["arrays"] = outcome.arrays
     return Message(content=content, reply_to=msg)
 
 
-def _refusal(msg: Message, reason: str, ledger: PrivacyLedger | None, budget: float, delta: float) -> Message:
+def _refusal(reason: str, ledger: PrivacyLedger | None, budget: float, delta: float) -> TrainOutcome:
     spent = ledger.epsilon_spent if ledger else 0.0
     metrics = {key: 0.0 for key in TRAIN_METRIC_KEYS} | {
         "refused": 1,
@@ -86,21 +103,38 @@ def _refusal(msg: Message, reason: str, ledger: PrivacyLedger | None, budget: fl
         "delta": delta,
     }
     log.warning("StoreFed merchant: refused round: %s", reason)
-    return _reply(msg, metrics, None, {"refusal": reason})
+    return TrainOutcome(metrics, None, {"refusal": reason})
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_router])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training under DP (or a refusal)."""
-    settings, task, model, data, device = _prepare(msg, context)
+    settings = _settings(msg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    config = msg.content["config"]
+    proximal_mu = float(config.get("proximal-mu", 0.0))  # sent by FedProx
+    run_id = str(settings.get("run_id", msg.metadata.run_id))
+    return _reply(msg, train_round(settings, global_state, int(config["server-round"]), proximal_mu, run_id, context))
+
+
+def train_round(
+    settings: dict,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    proximal_mu: float,
+    run_id: str,
+    context: Context,
+) -> TrainOutcome:
+    """One round of local training under DP, or a refusal: the body shared by plain and SecAgg+ rounds.
+
+    The ledger is updated before the outcome is returned, i.e. before any tensor is released.
+    """
+    task, model, data, device = _load(settings, global_state, context)
     privacy = _privacy_settings(settings, dict(context.node_config))
-    proximal_mu = float(msg.content["config"].get("proximal-mu", 0.0))  # sent by FedProx
     local = LocalTrainingConfig(**settings["local"], proximal_mu=proximal_mu)
     dataset = task.train_dataset(data)
-    server_round = int(msg.content["config"]["server-round"])
-    run_id = str(settings.get("run_id", msg.metadata.run_id))
     if len(dataset) == 0:
-        return _refusal(msg, f"no {task.privacy_unit} examples to train on", None, 0.0, 0.0)
+        return _refusal(f"no {task.privacy_unit} examples to train on", None, 0.0, 0.0)
 
     if not privacy["enabled"]:
         result = train_local(task, model, dataset, local, None, device)
@@ -112,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
             "epsilon_total": math.inf,
         }
         guarantee = "NONE: privacy.enabled=false, this update carries no differential-privacy guarantee"
-        return _reply(msg, metrics, _shared_arrays(task, model), {"unit": task.privacy_unit, "guarantee": guarantee})
+        return TrainOutcome(metrics, _shared_arrays(task, model), {"unit": task.privacy_unit, "guarantee": guarantee})
 
     budget, delta = float(privacy["epsilon"]), float(privacy["delta"])
     ledger = open_ledger(
@@ -123,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
             f"delta={delta:g} is not below 1/n = 1/{len(dataset)} {task.privacy_unit}s at this merchant: "
             f"set privacy.delta below {1.0 / len(dataset):.2g}"
         )
-        return _refusal(msg, reason, ledger, budget, delta)
+        return _refusal(reason, ledger, budget, delta)
     plan = plan_sampling(len(dataset), local.batch_size, local.epochs)
     noise = _noise_multiplier(privacy, ledger, plan.sample_rate, plan.steps)
     if noise is None or ledger.epsilon_after(noise, plan.sample_rate, plan.steps) > budget:
@@ -131,7 +165,7 @@ def train(msg: Message, context: Context) -> Message:
             f"privacy budget exhausted: {ledger.epsilon_spent:.3f} of epsilon {budget:g} spent "
             f"(delta={delta:g}, per {task.privacy_unit}); this round would exceed it"
         )
-        return _refusal(msg, reason, ledger, budget, delta)
+        return _refusal(reason, ledger, budget, delta)
 
     dp = DPParams(noise, float(privacy["max_grad_norm"]), str(privacy["grad_sample_mode"]))
     result = train_local(task, model, dataset, local, dp, device)
@@ -155,8 +189,8 @@ def train(msg: Message, context: Context) -> Message:
         "epsilon_budget": budget,
         "delta": delta,
     }
-    return _reply(
-        msg, metrics, _shared_arrays(task, unwrap(model)),
+    return TrainOutcome(
+        metrics, _shared_arrays(task, unwrap(model)),
         {"unit": task.privacy_unit, "accountant": ledger.accountant, "guarantee": ledger.guarantee()},
     )
 

@@ -1,0 +1,107 @@
+"""The merchant's side of secure aggregation (Flower SecAgg+): same training, only a masked update leaves.
+
+Routing: ``secure_aggregation_router`` is a mod on the ClientApp's train handler. A train message
+that carries the SecAgg+ stage record (``secaggplus_configs``) goes through Flower's
+``secaggplus_mod``; every other message reaches the normal handler untouched, so one ClientApp
+(``client.client_app:app``) serves plain and secure runs.
+
+The training is the plain round's code (``client_app.train_round``: DP-SGD, ledger, refusals).
+What leaves the merchant in a SecAgg+ round, all relayed by the coordinator:
+- stage 0/1: two public keys; Shamir shares of its mask seed and key, each encrypted to one
+  neighbour (the coordinator cannot read them);
+- stage 2: its shared tensors times its weight, clipped to ``+-clipping_range``, quantized and
+  masked (pairwise masks + a private mask): on its own, uniformly random to the coordinator.
+  In plaintext, the same train metrics as a plain round (num-examples, loss, epsilon, refusal);
+- stage 3: shares that let the coordinator remove the masks of the *sum* (and of dropped
+  neighbours' pairwise masks), never one merchant's private mask together with its pairwise masks.
+
+A refusal (budget exhausted, no data) still completes the protocol with an all-zero update of
+weight zero: it changes neither the sum nor the total weight and does not count as a dropout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+from flwr.compat.common import recorddict_compat as compat
+
+log = logging.getLogger("flwr")
+SHARED_KEYS = "shared-keys"  # fit config: JSON list naming the legacy (unnamed, ordered) arrays
+
+
+def is_secure_aggregation_message(msg: Message) -> bool:
+    """A train message of a SecAgg+ round (it carries the protocol's stage record)."""
+    return msg.metadata.message_type.split(".")[0] == "train" and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def secure_aggregation_router(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Mod: SecAgg+ messages to Flower's ``secaggplus_mod`` (training in ``secure_fit``); others pass through."""
+    if msg.has_content() and is_secure_aggregation_message(msg):
+        return secaggplus_mod(msg, context, secure_fit)
+    return call_next(msg, context)
+
+
+def secure_fit(msg: Message, context: Context) -> Message:
+    """Stage 2 of SecAgg+: train as in a plain round; reply as a legacy FitRes for the mod to mask."""
+    from client import client_app  # client_app registers this module's router: import at call time
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = fitins.config
+    settings = json.loads(str(config["storefed"]))
+    names = json.loads(str(config[SHARED_KEYS]))
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(names) != len(arrays):
+        raise ValueError(f"SecAgg+ fit: {len(arrays)} arrays but {len(names)} names in '{SHARED_KEYS}'")
+    global_state = {name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays)}
+    run_id = str(settings.get("run_id", msg.metadata.run_id))
+    proximal_mu = float(config.get("proximal-mu", 0.0))
+    outcome = client_app.train_round(
+        settings, global_state, int(config["server-round"]), proximal_mu, run_id, context
+    )
+
+    if outcome.arrays is None:  # refusal: take part with a zero update of weight zero
+        update, weight = [np.zeros_like(a) for a in arrays], 0
+    else:
+        state = {k: v.numpy() for k, v in outcome.arrays.items()}
+        if set(state) != set(names):
+            raise ValueError("SecAgg+ fit: trained tensor names differ from the coordinator's shared keys")
+        update, weight = [state[name] for name in names], int(outcome.metrics["num-examples"])
+        weight = _capped_weight(weight, context)
+        _warn_if_clipped(update, context)
+    metrics = dict(outcome.metrics) | {f"privacy.{k}": v for k, v in outcome.privacy.items()}
+    fitres = FitRes(Status(Code.OK, "refused" if outcome.arrays is None else "trained"),
+                    ndarrays_to_parameters(update), weight, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _protocol_value(context: Context, key: str) -> float:
+    return float(context.state.config_records[RECORD_KEY_STATE][key])
+
+
+def _capped_weight(weight: int, context: Context) -> int:
+    """The weight SecAgg+ can carry without overflow: at most the protocol's ``max_weight``."""
+    max_weight = int(_protocol_value(context, Key.MAX_WEIGHT))
+    if weight > max_weight:
+        log.warning(
+            "StoreFed merchant: %d examples exceed SecAgg+ max_weight=%d: weighted as %d in the secure sum "
+            "(raise privacy.secagg_max_weight to weight by all examples)", weight, max_weight, max_weight,
+        )
+    return min(weight, max_weight)
+
+
+def _warn_if_clipped(update: list[np.ndarray], context: Context) -> None:
+    limit = _protocol_value(context, Key.CLIPPING_RANGE)
+    largest = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
+    if largest > limit:
+        log.warning(
+            "StoreFed merchant: a shared value of magnitude %.3g exceeds privacy.secagg_clipping_range=%g and "
+            "is clipped before masking: the secure aggregate is biased; raise the range", largest, limit,
+        )

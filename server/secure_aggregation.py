@@ -1,0 +1,371 @@
+"""A federated run under secure aggregation (Flower SecAgg+): the coordinator learns only the sum.
+
+Flower 1.39 offers SecAgg+ only in its legacy workflow API, so this run uses ``LegacyContext`` +
+``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy strategy, and the same
+model, merchants (``client.client_app:app``), run log, checkpoint and status files as ``_run``.
+
+Who sees what (coordinator honest-but-curious, i.e. it runs this code; fewer than
+``reconstruction_threshold`` merchants of a neighbourhood collude with it):
+- the coordinator learns, per round, the weighted mean ``sum_i w_i x_i / sum_i w_i`` of the
+  merchants' models (``x_i``: shared tensors, clipped to ``+-secagg_clipping_range``, stochastically
+  quantized) and the total weight; ``w_i`` is the merchant's ``num-examples`` (capped at
+  ``secagg_max_weight``). Each merchant's train metrics (examples, loss, epsilon, refusal) still
+  arrive in plaintext, so it also knows every ``w_i``, hence the weighted sum: never one ``x_i``.
+- it cannot screen individual updates (names, shapes, NaN: ``server/screening.py``): shapes are
+  forced by the protocol, and each merchant refuses to mask a non-finite update (it drops out).
+- a sum over one trained merchant is that merchant's update: a round with fewer than two merchants
+  that trained is skipped before unmasking (refusals take part with weight zero).
+- dropouts up to the threshold are unmasked from the others' shares; beyond it the round is
+  skipped with the reason logged; a run in which no round could be aggregated fails.
+The record-level DP of every update (local DP-SGD, merchants' ledgers) is unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.server_config import ServerConfig
+from flwr.server.strategy import FedAdam, FedAvg, FedProx
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from flwr.supercore import log as flwr_log
+
+from client.data_source import coordinator_catalog
+from client.secure_train import SHARED_KEYS
+from models.task import build_task
+from privacy.atomic_files import atomic_write_text
+from server.checkpoint import save_global_model
+from server.run_log import RunLog
+from server.server_app import RunFailed, client_settings, write_status
+from server.strategy import aggregate_train_metrics
+
+LEGACY_STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
+MODULUS_RANGE = 2**32  # Flower's mask modulus (its maximum)
+MIN_CONTRIBUTORS = 2
+SCREENING_NOTE = (
+    "secure aggregation: the coordinator sees only the weighted sum of updates and cannot screen individual "
+    "updates (names, shapes, NaN); merchants check finiteness before masking"
+)
+
+
+@dataclass(frozen=True)
+class SecAggOptions:
+    """SecAgg+ parameters (``privacy.secagg_*``); ints count shares, floats in (0, 1] are fractions."""
+
+    num_shares: int | float = 3
+    reconstruction_threshold: int | float = 2
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+    max_weight: float = 10_000.0
+    timeout_s: float | None = None
+
+
+def secagg_options(privacy: dict, federation: dict) -> SecAggOptions:
+    """Options from config (defaults when a key is absent); a clear error for unusable values."""
+    opts = SecAggOptions(
+        num_shares=privacy.get("secagg_num_shares", SecAggOptions.num_shares),
+        reconstruction_threshold=privacy.get("secagg_reconstruction_threshold", SecAggOptions.reconstruction_threshold),
+        clipping_range=float(privacy.get("secagg_clipping_range", SecAggOptions.clipping_range)),
+        quantization_range=int(privacy.get("secagg_quantization_range", SecAggOptions.quantization_range)),
+        max_weight=float(privacy.get("secagg_max_weight", SecAggOptions.max_weight)),
+        timeout_s=privacy.get("secagg_timeout_s", SecAggOptions.timeout_s),
+    )
+    per_round = int(federation["stores_per_round"])
+    if str(privacy.get("central", "none")) != "none":
+        raise ValueError(
+            f"privacy.secure_aggregation=true cannot be combined with privacy.central={privacy['central']}: "
+            "client-level DP clips each merchant's update on the coordinator, which sees only the sum under "
+            "secure aggregation; use one of the two"
+        )
+    if per_round < MIN_CONTRIBUTORS:
+        raise ValueError(
+            f"privacy.secure_aggregation=true needs federation.stores_per_round >= {MIN_CONTRIBUTORS} "
+            f"(got {per_round}): a sum over one merchant is that merchant's update"
+        )
+    if per_round * opts.quantization_range >= MODULUS_RANGE:
+        raise ValueError(
+            f"privacy.secagg_quantization_range={opts.quantization_range} with federation.stores_per_round={per_round} "
+            f"overflows SecAgg+'s 2**32 modulus: keep stores_per_round * quantization_range below 2**32"
+        )
+    threshold, shares = opts.reconstruction_threshold, opts.num_shares
+    neighbours = min(shares, per_round) if isinstance(shares, int) else per_round
+    if isinstance(threshold, int) and threshold > neighbours:
+        raise ValueError(
+            f"privacy.secagg_reconstruction_threshold={threshold} exceeds the {neighbours} merchants that hold "
+            f"shares of each key (secagg_num_shares={shares}, stores_per_round={per_round}): no round could be unmasked"
+        )
+    return opts
+
+
+def build_workflow(opts: SecAggOptions, on_halt) -> "LoggedSecAggPlusWorkflow":
+    try:
+        return LoggedSecAggPlusWorkflow(
+            on_halt, opts.num_shares, opts.reconstruction_threshold, max_weight=opts.max_weight,
+            clipping_range=opts.clipping_range, quantization_range=opts.quantization_range,
+            modulus_range=MODULUS_RANGE, timeout=opts.timeout_s,
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"privacy.secagg_num_shares / secagg_reconstruction_threshold / secagg_*: {exc}") from exc
+
+
+class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ fit workflow that says why a round halted, and never unmasks a sum of one."""
+
+    def __init__(self, on_halt, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_halt = on_halt  # (round, reason) -> None
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        state = WorkflowState()
+        stages = (
+            ("setup", self.setup_stage),
+            ("share keys", self.share_keys_stage),
+            ("collect masked vectors", self._collect_then_count),
+            ("unmask", self.unmask_stage),
+        )
+        for name, stage in stages:
+            if not stage(grid, context, state):
+                self.on_halt(_current_round(context), self._halt_reason(name, state))
+                return
+
+    def _collect_then_count(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        if not self.collect_masked_vectors_stage(grid, context, state):
+            return False
+        trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
+        state.too_few_trained = trained if trained < MIN_CONTRIBUTORS else None
+        return state.too_few_trained is None
+
+    @staticmethod
+    def _halt_reason(stage: str, state: WorkflowState) -> str:
+        if getattr(state, "too_few_trained", None) is not None:
+            return (
+                f"only {state.too_few_trained} merchant(s) trained (the rest refused): the sum would reveal an "
+                f"individual update, so the round was not unmasked"
+            )
+        return (
+            f"secure aggregation halted at stage '{stage}': {len(state.active_node_ids)} of "
+            f"{len(state.sampled_node_ids)} sampled merchants still active, reconstruction threshold "
+            f"{state.threshold} of {state.num_shares} shares ({len(state.failures)} failures: "
+            f"{_first_failure(state.failures)})"
+        )
+
+
+def _first_failure(failures: list) -> str:
+    return str(failures[0])[:300] if failures else "none reported"
+
+
+def _current_round(context: Context) -> int:
+    return int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+
+
+def build_legacy_strategy(settings: dict, initial: list[np.ndarray], fit_config: dict, on_fit) -> FedAvg:
+    """The configured strategy in Flower's legacy API, sampling as ``server/strategy.build_strategy``."""
+    cfg = dict(settings["strategy"])
+    name = cfg.pop("name", "fedavg")
+    if name not in LEGACY_STRATEGIES:
+        raise ValueError(f"strategy.name={name!r} is unknown: choose one of {sorted(LEGACY_STRATEGIES)}")
+    federation = settings["federation"]
+    num_stores, per_round = int(federation["num_stores"]), int(federation["stores_per_round"])
+    if not 1 <= per_round <= num_stores:
+        raise ValueError(f"federation.stores_per_round={per_round} must lie in 1..num_stores={num_stores}")
+    if name == "fedprox":
+        fit_config = fit_config | {"proximal-mu": float(cfg["proximal_mu"])}
+
+    class SecureStrategy(LEGACY_STRATEGIES[name]):  # type: ignore[misc, valid-type]
+        def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list):
+            """``results`` all carry the same unmasked weighted mean; refusals (weight 0) are set aside."""
+            trained = [(proxy, res) for proxy, res in results if res.num_examples > 0]
+            metrics = on_fit(server_round, results, failures)
+            if not trained:
+                return None, {}
+            parameters, _ = super().aggregate_fit(server_round, trained, [])
+            return parameters, metrics
+
+    return SecureStrategy(
+        fraction_fit=per_round / num_stores,
+        fraction_evaluate=0.0,  # evaluation runs in the Message API (MessageEvaluation), as in plain runs
+        min_fit_clients=per_round,
+        min_evaluate_clients=0,
+        min_available_clients=num_stores,
+        on_fit_config_fn=lambda server_round: fit_config | {"server-round": server_round},
+        initial_parameters=ndarrays_to_parameters(initial),
+        **cfg,
+    )
+
+
+class SecureRoundLog:
+    """Feeds legacy SecAgg+ rounds into ``RunLog``: trained / refused / failed, epsilons, halts."""
+
+    def __init__(self, log: RunLog) -> None:
+        self.log = log
+        self.train: dict[int, dict] = {}
+        self.halted: dict[int, str] = {}
+        self.aggregated: list[int] = []
+
+    def on_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> dict:
+        trained = [(p, r) for p, r in results if r.num_examples > 0 and not r.metrics.get("refused", 0)]
+        refused = {p.node_id: str(r.metrics.get("privacy.refusal", "no reason given")) for p, r in results
+                   if r.num_examples == 0 or r.metrics.get("refused", 0)}
+        row = {"round": server_round, "trained": len(trained), "refused": len(refused), "failed": len(failures),
+               "rejected": 0, "secure_aggregation": "aggregated"}
+        if trained and self.log.dp:
+            row["epsilon_total_max"] = max(float(r.metrics["epsilon_total"]) for _, r in trained)
+            row["delta"] = max(float(r.metrics["delta"]) for _, r in trained)
+        for proxy, res in trained:
+            self.log.merchant_epsilon[str(proxy.node_id)] = float(res.metrics["epsilon_total"])
+        for node, reason in refused.items():
+            print(f"  round {server_round}: merchant node {node} refused: {reason}", flush=True)
+        for failure in failures:
+            print(f"  round {server_round}: a merchant failed or dropped out: {str(failure)[:300]}", flush=True)
+        self.log.pending[server_round] = row
+        self.aggregated.append(server_round)
+        metrics = _train_metrics(trained)
+        self.train[server_round] = metrics
+        return metrics
+
+    def on_halt(self, server_round: int, reason: str) -> None:
+        self.halted[server_round] = reason
+        self.log.pending[server_round] = {"round": server_round, "secure_aggregation": f"skipped: {reason}"}
+        print(f"  round {server_round}: SKIPPED, global model unchanged: {reason}", flush=True)
+        flwr_log(INFO, "StoreFed: round %s skipped: %s", server_round, reason)
+
+    def on_round_end(self, server_round: int, evaluate: dict | None) -> None:
+        self.log.on_round_end(server_round, self.train.pop(server_round, None), evaluate)
+
+
+def _train_metrics(trained: list[tuple[ClientProxy, FitRes]]) -> dict:
+    """As in plain runs (``aggregate_train_metrics``): sums of counts, max epsilon, weighted means."""
+    records = [
+        RecordDict({"metrics": MetricRecord({k: v for k, v in r.metrics.items() if isinstance(v, (int, float))})})
+        for _, r in trained
+    ]
+    return dict(aggregate_train_metrics(records, "num-examples")) if records else {}
+
+
+class MessageEvaluation:
+    """Evaluate workflow: the plain run's federated evaluation (Message API, same ClientApp handler)."""
+
+    def __init__(self, names: list[str], dtypes: dict[str, torch.dtype], config: ConfigRecord,
+                 per_round: int, round_log: SecureRoundLog) -> None:
+        self.names, self.dtypes, self.config, self.per_round, self.round_log = names, dtypes, config, per_round, round_log
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        server_round = _current_round(context)
+        metrics = None
+        if self.per_round > 0:
+            state = global_state(context, self.names, self.dtypes)
+            nodes = context.client_manager.sample(num_clients=self.per_round, min_num_clients=self.per_round)
+            config = ConfigRecord(dict(self.config) | {"server-round": server_round})
+            messages = [
+                Message(RecordDict({"arrays": ArrayRecord(state), "config": config}), proxy.node_id, "evaluate",
+                        group_id=str(server_round))
+                for proxy in nodes
+            ]
+            replies = [m.content for m in grid.send_and_receive(messages) if not m.has_error()]
+            metrics = dict(aggregate_metricrecords(replies, "num-examples")) if replies else None
+        self.round_log.on_round_end(server_round, metrics)
+
+
+def global_state(context: Context, names: list[str], dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The current global model (named, original dtypes) from the legacy workflow's state."""
+    arrays = parameters_to_ndarrays(
+        compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    )
+    out = {}
+    for name, array in zip(names, arrays, strict=True):
+        dtype = dtypes[name]
+        tensor = torch.from_numpy(np.array(array))
+        out[name] = tensor.round().to(dtype) if not dtype.is_floating_point else tensor.to(dtype)
+    return out
+
+
+def run_secure_federation(grid: Grid, context: Context, settings: dict, run_dir: Path) -> dict:
+    """``run_federation`` under SecAgg+: status.json ``running`` -> ``completed`` | ``failed`` (reason)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_status(run_dir, "running")
+    try:
+        summary = _run_secure(grid, context, settings, run_dir)
+    except BaseException as exc:
+        write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        raise
+    write_status(run_dir, "completed")
+    return summary
+
+
+def _run_secure(grid: Grid, context: Context, settings: dict, run_dir: Path) -> dict:
+    to_clients = client_settings(settings, run_dir)
+    privacy, federation = to_clients["privacy"], settings["federation"]
+    opts = secagg_options(privacy, federation)
+    catalog = coordinator_catalog(to_clients["data"])
+    task = build_task(to_clients["task"], catalog)
+    model = task.build_model()
+    state = model.state_dict()
+    names = list(task.shared_keys(model))
+    dtypes = {k: state[k].dtype for k in names}
+    log = RunLog(run_dir, task.name, task.privacy_unit, privacy["accountant"], bool(privacy["enabled"]))
+    round_log = SecureRoundLog(log)
+    print(f"[{task.name}] {SCREENING_NOTE}", flush=True)
+    flwr_log(INFO, "StoreFed: %s", SCREENING_NOTE)
+
+    storefed = json.dumps(to_clients)
+    fit_config = {"storefed": storefed, SHARED_KEYS: json.dumps(names)}
+    initial = [state[k].detach().cpu().numpy() for k in names]
+    strategy = build_legacy_strategy(settings, initial, fit_config, round_log.on_fit)
+    rounds = int(federation["rounds"])
+    eval_per_round = int(federation.get("eval_stores_per_round", federation["stores_per_round"]))
+    workflow = DefaultWorkflow(
+        fit_workflow=build_workflow(opts, round_log.on_halt),
+        evaluate_workflow=MessageEvaluation(names, dtypes, ConfigRecord({"storefed": storefed}), eval_per_round, round_log),
+    )
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
+    started = time.time()
+    workflow(grid, legacy)
+    if not round_log.aggregated:
+        last = max(round_log.halted) if round_log.halted else rounds
+        raise RunFailed(f"no round could be securely aggregated; round {last}: {round_log.halted.get(last, 'no replies')}")
+    final = global_state(legacy, names, dtypes)
+    save_global_model(run_dir, final, to_clients["task"], catalog.num_items)
+    summary = {
+        "task": task.name,
+        "rounds": rounds,
+        "rounds_completed": len(round_log.aggregated),
+        "rounds_skipped": {str(r): reason for r, reason in sorted(round_log.halted.items())},
+        "seconds": round(time.time() - started, 1),
+        "final_eval": log.rows[-1] if log.rows else {},
+        "privacy": log.privacy_summary() | {"secure_aggregation": secure_summary(opts)},
+        "model": str(run_dir / "global_model.safetensors"),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def secure_summary(opts: SecAggOptions) -> dict:
+    return {
+        "protocol": "Flower SecAgg+ (legacy workflow API), honest-but-curious coordinator",
+        "coordinator_sees": "per round: the examples-weighted mean of the trained merchants' models and the total "
+                            "weight; each merchant's train metrics in plaintext; never an individual update",
+        "screening": SCREENING_NOTE,
+        "num_shares": opts.num_shares,
+        "reconstruction_threshold": opts.reconstruction_threshold,
+        "clipping_range": opts.clipping_range,
+        "quantization_range": opts.quantization_range,
+        "max_weight": opts.max_weight,
+        "quantization_step": 2 * opts.clipping_range / opts.quantization_range,
+        "min_trained_per_round": MIN_CONTRIBUTORS,
+    }
