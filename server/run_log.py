@@ -63,8 +63,14 @@ class RunLog:
         for key in ("hr@10", "ndcg@10", "local_pop_hr@10", "accuracy", "macro_f1", "local_majority_accuracy"):
             if f"eval_{key}" in row:
                 parts.append(f"{key} {row[f'eval_{key}']:.4f}")
+        if "train_client_epsilon" in row:
+            parts.append(
+                f"client-level epsilon {row['train_client_epsilon']:.3f} (per merchant, whole update; "
+                f"delta={row['train_client_delta']:g}, RDP, no sampling amplification; "
+                f"clip {row['train_central_clipping_norm']:.3g})"
+            )
         if not self.dp:
-            parts.append("NO DIFFERENTIAL PRIVACY (privacy.enabled=false)")
+            parts.append("NO RECORD-LEVEL DP AT MERCHANTS (privacy.enabled=false)")
         elif "epsilon_total_max" in row:
             parts.append(
                 f"max merchant epsilon so far {row['epsilon_total_max']:.3f} "
@@ -80,10 +86,14 @@ class RunLog:
         writer.writerows(self.rows)
         atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
 
-    def privacy_summary(self) -> dict:
+    def privacy_summary(self, client_level: dict | None = None) -> dict:
+        """Two separate guarantees: record/customer-level per merchant, and client-level per run."""
         finite = [e for e in self.merchant_epsilon.values() if math.isfinite(e)]
+        record = "record-level DP per merchant (local DP-SGD)" if self.dp else "NO record-level DP"
+        central = "client-level central DP per run (see client_level)" if client_level else "no client-level (central) DP"
         return {
-            "guarantee": "record-level DP per merchant (local DP-SGD); no client-level (central) DP in this run",
+            "guarantee": f"{record}; {central}",
+            "client_level": client_level,
             "unit": self.unit if self.dp else "none",
             "accountant": self.accountant if self.dp else "none",
             "sampling": "Poisson" if self.dp else "none",

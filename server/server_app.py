@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from client.data_source import coordinator_catalog
 from models.task import build_task
@@ -90,22 +91,31 @@ def _run(grid: Grid, settings: dict, run_dir: Path) -> dict:
         if screening.failed and not (screening.accepted or screening.refused or screening.rejected):
             raise RunFailed(f"round {server_round}: every sampled merchant failed: {next(iter(screening.failed.values()))}")
 
-    strategy = build_strategy(settings["strategy"], settings["federation"], expected, on_screened, log.on_round_end)
+    strategy = build_strategy(
+        settings["strategy"], settings["federation"], expected, on_screened, log.on_round_end, privacy
+    )
     config = ConfigRecord({"storefed": json.dumps(to_clients)})
     rounds = int(settings["federation"]["rounds"])
-    started = time.time()
-    result = strategy.start(
-        grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, train_config=config,
-        evaluate_config=ConfigRecord(dict(config)),
-    )
-    final = result.arrays.to_torch_state_dict() if len(result.arrays) else shared
+    started, stopped_early = time.time(), None
+    try:
+        strategy.start(
+            grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, train_config=config,
+            evaluate_config=ConfigRecord(dict(config)),
+        )
+    except PrivacyBudgetExhausted as exc:  # client-level budget: stop cleanly, keep what was released
+        stopped_early = f"client-level privacy budget exhausted after {len(log.rows)} rounds: {exc}"
+        print(f"[{task.name}] STOPPED: {stopped_early}", flush=True)
+    latest = strategy.latest_arrays
+    final = latest.to_torch_state_dict() if latest is not None and len(latest) else shared
     save_global_model(run_dir, final, to_clients["task"], catalog.num_items)
     summary = {
         "task": task.name,
         "rounds": rounds,
+        "rounds_completed": len(log.rows),
+        "stopped_early": stopped_early,
         "seconds": round(time.time() - started, 1),
         "final_eval": log.rows[-1] if log.rows else {},
-        "privacy": log.privacy_summary(),
+        "privacy": log.privacy_summary(strategy.central.summary() if strategy.central else None),
         "model": str(run_dir / "global_model.safetensors"),
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
@@ -124,7 +134,12 @@ def make_server_app(settings: dict, run_dir: Path) -> ServerApp:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         torch.set_num_threads(1)
-        run_federation(grid, settings, run_dir)
+        if settings["privacy"].get("secure_aggregation", False):
+            from server.secure_aggregation import run_secure_federation  # imports this module
+
+            run_secure_federation(grid, context, settings, run_dir)
+        else:
+            run_federation(grid, settings, run_dir)
 
     return server_app
 
@@ -140,4 +155,10 @@ def main(grid: Grid, context: Context) -> None:
     if not settings_file.is_file():
         raise RunFailed(f"run config settings-file={settings_file} does not exist: start runs with `storefed server`")
     settings = json.loads(settings_file.read_text(encoding="utf-8"))
-    run_federation(grid, settings, Path(str(context.run_config["run-dir"])))
+    run_dir = Path(str(context.run_config["run-dir"]))
+    if settings["privacy"].get("secure_aggregation", False):
+        from server.secure_aggregation import run_secure_federation  # imports this module
+
+        run_secure_federation(grid, context, settings, run_dir)
+    else:
+        run_federation(grid, settings, run_dir)

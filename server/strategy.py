@@ -3,17 +3,20 @@
 ``strategy.name``: ``fedavg`` (default), ``fedadam`` or ``fedprox``; aggregation is weighted by
 ``num-examples`` (Flower's own implementation). Train metrics are aggregated per key:
 examples and steps summed, epsilons reported as the maximum over merchants (the weakest
-guarantee in the round), everything else weighted by examples.
+guarantee in the round), everything else weighted by examples. With ``privacy.central`` the
+strategy sits inside Flower's client-level DP wrapper (server/central_dp.py) and averages uniformly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from server.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options, real_replies_metrics
 from server.screening import RoundScreening, screen_train_replies
 
 STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
@@ -38,8 +41,9 @@ def build_strategy(
     expected: dict[str, tuple[int, ...]],
     on_screened: Callable[[int, RoundScreening], None],
     on_round_end: Callable[[int, dict | None, dict | None], None] | None = None,
-):
-    """The configured Flower strategy, screening replies before Flower aggregates them.
+    privacy_cfg: dict | None = None,
+) -> "ScreenedStrategy":
+    """The configured Flower strategy behind StoreFed's reply screening (and central DP, if configured).
 
     ``on_screened(round, screening)`` sees every round's replies before aggregation (it may raise
     to stop the run); ``on_round_end(round, train_metrics, eval_metrics)`` gets the aggregated
@@ -48,28 +52,6 @@ def build_strategy(
     name = strategy_cfg.get("name", "fedavg")
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name={name!r} is unknown: choose one of {sorted(STRATEGIES)}")
-    base = STRATEGIES[name]
-
-    latest_train: dict[int, dict] = {}  # aggregated train metrics of rounds not yet evaluated
-
-    class ScreenedStrategy(base):  # type: ignore[misc, valid-type]
-        def aggregate_train(
-            self, server_round: int, replies: Iterable[Message]
-        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-            screening = screen_train_replies(list(replies), expected)
-            on_screened(server_round, screening)
-            if not screening.accepted:
-                return None, None
-            arrays, metrics = super().aggregate_train(server_round, screening.accepted)
-            latest_train[server_round] = dict(metrics) if metrics else {}
-            return arrays, metrics
-
-        def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-            metrics = super().aggregate_evaluate(server_round, replies)
-            if on_round_end is not None:
-                on_round_end(server_round, latest_train.pop(server_round, None), dict(metrics) if metrics else None)
-            return metrics
-
     num_stores = int(federation_cfg["num_stores"])
     per_round = int(federation_cfg["stores_per_round"])
     eval_per_round = int(federation_cfg.get("eval_stores_per_round", per_round))
@@ -78,13 +60,83 @@ def build_strategy(
             f"federation.stores_per_round={per_round} and eval_stores_per_round={eval_per_round} "
             f"must lie in 1..num_stores={num_stores}"
         )
+    privacy_cfg = privacy_cfg or {}
+    check_privacy_options(privacy_cfg, name, num_stores)
+    central_mode = privacy_cfg.get("central", "none")
     options = {k: v for k, v in strategy_cfg.items() if k != "name"}
-    return ScreenedStrategy(
+    if central_mode != "none":
+        options |= {"weighted_by_key": WEIGHT_KEY, "train_metrics_aggr_fn": real_replies_metrics}
+    else:
+        options |= {"train_metrics_aggr_fn": aggregate_train_metrics}
+    inner = STRATEGIES[name](
         fraction_train=per_round / num_stores,
         fraction_evaluate=eval_per_round / num_stores,
         min_train_nodes=per_round,
         min_evaluate_nodes=eval_per_round,
         min_available_nodes=num_stores,
-        train_metrics_aggr_fn=aggregate_train_metrics,
         **options,
     )
+    central = CentralDP(privacy_cfg, inner, per_round, num_stores) if central_mode != "none" else None
+    return ScreenedStrategy(inner, expected, on_screened, on_round_end, central)
+
+
+class ScreenedStrategy(Strategy):
+    """Screens replies (server/screening.py) before Flower's strategy, or Flower's DP wrapper, aggregates.
+
+    Keeps the latest aggregated model in ``latest_arrays`` so a run stopped early (client-level
+    budget exhausted) still saves what it released.
+    """
+
+    def __init__(
+        self,
+        inner: Strategy,
+        expected: dict[str, tuple[int, ...]],
+        on_screened: Callable[[int, RoundScreening], None],
+        on_round_end: Callable[[int, dict | None, dict | None], None] | None,
+        central: CentralDP | None,
+    ) -> None:
+        super().__init__()
+        self.inner, self.expected, self.central = inner, expected, central
+        self.on_screened, self.on_round_end = on_screened, on_round_end
+        self.aggregator: Strategy = central.wrapper if central else inner
+        # Evaluation metrics are not released under central DP: weighted by examples, as without it.
+        self.evaluation: Strategy = FedAvg() if central else inner
+        self.latest_arrays: ArrayRecord | None = None
+        self._current = ArrayRecord()
+        self._latest_train: dict[int, dict] = {}  # aggregated train metrics of rounds not yet evaluated
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        if self.central:
+            self.central.before_round()
+        self._current = arrays
+        return self.aggregator.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        screening = screen_train_replies(list(replies), self.expected)
+        self.on_screened(server_round, screening)
+        if not screening.accepted:
+            return None, None
+        cohort = self.central.cohort(screening.accepted, self._current) if self.central else screening.accepted
+        arrays, metrics = self.aggregator.aggregate_train(server_round, cohort)
+        metrics = dict(metrics) if metrics else {}
+        metrics.pop(WEIGHT_KEY, None)
+        if self.central and arrays is not None:
+            metrics |= self.central.after_release()
+        if arrays is not None:
+            self.latest_arrays = arrays
+        self._latest_train[server_round] = metrics
+        return arrays, MetricRecord(metrics)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.aggregator.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        metrics = self.evaluation.aggregate_evaluate(server_round, replies)
+        if self.on_round_end is not None:
+            self.on_round_end(server_round, self._latest_train.pop(server_round, None), dict(metrics) if metrics else None)
+        return metrics
+
+    def summary(self) -> None:
+        self.aggregator.summary()

@@ -23,7 +23,7 @@ FEDERATION = {"num_stores": 10, "stores_per_round": 4, "eval_stores_per_round": 
                  ({"name": "fedprox", "proximal_mu": 0.1}, FedProx)]
 )
 def test_strategies_are_flowers_own_with_configured_sampling(cfg, cls):
-    strategy = build_strategy(cfg, FEDERATION, {}, lambda *_: None)
+    strategy = build_strategy(cfg, FEDERATION, {}, lambda *_: None).inner
     assert isinstance(strategy, cls)
     assert strategy.min_train_nodes == 4 and strategy.fraction_train == pytest.approx(0.4)
     assert strategy.min_evaluate_nodes == 5 and strategy.min_available_nodes == 10
