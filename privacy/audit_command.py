@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from privacy.atomic_files import atomic_write_text
@@ -22,6 +23,7 @@ STATEMENT = (
     "theoretical epsilon is expected for a one-run black-box audit (Steinke, Nasr & Jagielski 2023 "
     "report the same for DP-SGD); a bound above it would mean the guarantee does not hold."
 )
+DEFAULT_GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
 METHOD = "one-run canary audit (Steinke, Nasr & Jagielski, NeurIPS 2023, Theorem 5.2 with delta)"
 
 
@@ -58,7 +60,11 @@ def build_plan(cfg: dict) -> AuditPlan:
     if data.get("source") != "virtual":
         raise AuditConfigError(f"data={data.get('source')!r}: storefed audit runs on virtual stores; use data=virtual")
     m = _int(audit["canaries"], "audit.canaries", 2)
-    guesses = audit["guesses"] if isinstance(audit["guesses"], list) else [audit["guesses"]]
+    guesses = audit["guesses"]
+    if guesses is None:  # default: 5%, 10%, 20%, 50% and 100% of the canaries
+        guesses = sorted({max(1, round(m * f)) for f in DEFAULT_GUESS_FRACTIONS})
+    elif not isinstance(guesses, list):
+        guesses = [guesses]
     if not guesses:
         raise AuditConfigError("audit.guesses=[]: give at least one guess count, e.g. audit.guesses=[100]")
     guesses = [_int(r, "audit.guesses", 1) for r in guesses]
@@ -225,9 +231,13 @@ def run_audit_command(overrides: list[str]) -> int:
             device = choose_device(str(cfg.get("device", "auto")))
         except (ValueError, RuntimeError) as exc:
             raise AuditConfigError(str(exc)) from None
-        run = run_audit(plan, device)
+        with warnings.catch_warnings():
+            # secure_mode is off on purpose: dp_sgd seeds its noise generator from OS entropy (see there)
+            warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+            warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")  # ghost clipping, benign
+            run = run_audit(plan, device)
     except (AuditConfigError, HydraException) as exc:
-        print(f"storefed audit: {exc}", file=sys.stderr)
+        print("storefed audit: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     record = audit_record(plan, run)
     out = _run_dir(cfg) / "audit.json"
