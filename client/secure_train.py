@@ -9,7 +9,7 @@ The training is the plain round's code (``client_app.train_round``: DP-SGD, ledg
 What leaves the merchant in a SecAgg+ round, all relayed by the coordinator:
 - stage 0/1: two public keys; Shamir shares of its mask seed and key, each encrypted to one
   neighbour (the coordinator cannot read them);
-- stage 2: its shared tensors times its weight, clipped to ``+-clipping_range``, quantized and
+- stage 2: its update (trained shared tensors minus the global ones) times its weight, clipped to ``+-clipping_range``, quantized and
   masked (pairwise masks + a private mask): on its own, uniformly random to the coordinator.
   In plaintext, the same train metrics as a plain round (num-examples, loss, epsilon, refusal);
 - stage 3: shares that let the coordinator remove the masks of the *sum* (and of dropped
@@ -50,7 +50,11 @@ def secure_aggregation_router(msg: Message, context: Context, call_next: ClientA
 
 
 def secure_fit(msg: Message, context: Context) -> Message:
-    """Stage 2 of SecAgg+: train as in a plain round; reply as a legacy FitRes for the mod to mask."""
+    """Stage 2 of SecAgg+: train as in a plain round; reply the update (model - global) as a legacy FitRes.
+
+    The mod masks the FitRes parameters and clears them; only the masked vector and the metrics leave.
+    A non-finite update is never masked: the merchant fails this round (a dropout) instead.
+    """
     from client import client_app  # client_app registers this module's router: import at call time
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
@@ -73,8 +77,10 @@ def secure_fit(msg: Message, context: Context) -> Message:
         state = {k: v.numpy() for k, v in outcome.arrays.items()}
         if set(state) != set(names):
             raise ValueError("SecAgg+ fit: trained tensor names differ from the coordinator's shared keys")
-        update, weight = [state[name] for name in names], int(outcome.metrics["num-examples"])
-        weight = _capped_weight(weight, context)
+        update = [state[name] - global_array for name, global_array in zip(names, arrays)]
+        if not all(np.isfinite(a).all() for a in update):  # the coordinator cannot screen a masked update
+            raise ValueError("SecAgg+ fit: the update has non-finite values: not masked, dropping out of this round")
+        weight = _capped_weight(int(outcome.metrics["num-examples"]), context)
         _warn_if_clipped(update, context)
     metrics = dict(outcome.metrics) | {f"privacy.{k}": v for k, v in outcome.privacy.items()}
     fitres = FitRes(Status(Code.OK, "refused" if outcome.arrays is None else "trained"),
@@ -102,6 +108,6 @@ def _warn_if_clipped(update: list[np.ndarray], context: Context) -> None:
     largest = max((float(np.abs(a).max()) for a in update if a.size), default=0.0)
     if largest > limit:
         log.warning(
-            "StoreFed merchant: a shared value of magnitude %.3g exceeds privacy.secagg_clipping_range=%g and "
-            "is clipped before masking: the secure aggregate is biased; raise the range", largest, limit,
+            "StoreFed merchant: an update value of magnitude %.3g exceeds privacy.secagg_clipping_range=%g and "
+            "may be clipped before masking (the secure aggregate is then biased): raise the range", largest, limit,
         )

@@ -6,9 +6,9 @@ model, merchants (``client.client_app:app``), run log, checkpoint and status fil
 
 Who sees what (coordinator honest-but-curious, i.e. it runs this code; fewer than
 ``reconstruction_threshold`` merchants of a neighbourhood collude with it):
-- the coordinator learns, per round, the weighted mean ``sum_i w_i x_i / sum_i w_i`` of the
-  merchants' models (``x_i``: shared tensors, clipped to ``+-secagg_clipping_range``, stochastically
-  quantized) and the total weight; ``w_i`` is the merchant's ``num-examples`` (capped at
+- the coordinator learns, per round, the weighted mean ``sum_i w_i u_i / sum_i w_i`` of the
+  merchants' updates (``u_i``: trained shared tensors minus the global ones, ``w_i u_i / max_weight``
+  clipped to ``+-secagg_clipping_range`` and stochastically quantized) and the total weight; ``w_i`` is the merchant's ``num-examples`` (capped at
   ``secagg_max_weight``). Each merchant's train metrics (examples, loss, epsilon, refusal) still
   arrive in plaintext, so it also knows every ``w_i``, hence the weighted sum: never one ``x_i``.
 - it cannot screen individual updates (names, shapes, NaN: ``server/screening.py``): shapes are
@@ -72,7 +72,7 @@ class SecAggOptions:
     reconstruction_threshold: int | float = 2
     clipping_range: float = 8.0
     quantization_range: int = 2**22
-    max_weight: float = 10_000.0
+    max_weight: float = 1000.0
     timeout_s: float | None = None
 
 
@@ -188,12 +188,26 @@ def build_legacy_strategy(settings: dict, initial: list[np.ndarray], fit_config:
         fit_config = fit_config | {"proximal-mu": float(cfg["proximal_mu"])}
 
     class SecureStrategy(LEGACY_STRATEGIES[name]):  # type: ignore[misc, valid-type]
+        current: list[np.ndarray] = []  # the global model sent this round
+
+        def configure_fit(self, server_round: int, parameters, client_manager):
+            self.current = parameters_to_ndarrays(parameters)
+            return super().configure_fit(server_round, parameters, client_manager)
+
         def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list):
-            """``results`` all carry the same unmasked weighted mean; refusals (weight 0) are set aside."""
+            """``results`` all carry the same unmasked weighted mean *update*; refusals (weight 0) set aside.
+
+            global + mean update = the examples-weighted mean of the models, handed to the strategy as
+            every trained merchant's model (FedAvg then returns it; FedAdam steps from it).
+            """
             trained = [(proxy, res) for proxy, res in results if res.num_examples > 0]
             metrics = on_fit(server_round, results, failures)
             if not trained:
                 return None, {}
+            mean_update = parameters_to_ndarrays(trained[0][1].parameters)
+            model = ndarrays_to_parameters([g + u for g, u in zip(self.current, mean_update, strict=True)])
+            for _, res in trained:
+                res.parameters = model
             parameters, _ = super().aggregate_fit(server_round, trained, [])
             return parameters, metrics
 
@@ -205,6 +219,7 @@ def build_legacy_strategy(settings: dict, initial: list[np.ndarray], fit_config:
         min_available_clients=num_stores,
         on_fit_config_fn=lambda server_round: fit_config | {"server-round": server_round},
         initial_parameters=ndarrays_to_parameters(initial),
+        fit_metrics_aggregation_fn=lambda _: {},  # StoreFed's own, in SecureRoundLog.on_fit
         **cfg,
     )
 
@@ -220,6 +235,7 @@ class SecureRoundLog:
 
     def on_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> dict:
         trained = [(p, r) for p, r in results if r.num_examples > 0 and not r.metrics.get("refused", 0)]
+        failures = _distinct(failures)
         refused = {p.node_id: str(r.metrics.get("privacy.refusal", "no reason given")) for p, r in results
                    if r.num_examples == 0 or r.metrics.get("refused", 0)}
         row = {"round": server_round, "trained": len(trained), "refused": len(refused), "failed": len(failures),
@@ -247,6 +263,17 @@ class SecureRoundLog:
 
     def on_round_end(self, server_round: int, evaluate: dict | None) -> None:
         self.log.on_round_end(server_round, self.train.pop(server_round, None), evaluate)
+
+
+def _distinct(failures: list) -> list:
+    """One entry per failed node: Flower's masked-vector stage records each failure twice."""
+    seen, out = set(), []
+    for failure in failures:
+        key = id(failure.args[0]) if isinstance(failure, Exception) and failure.args else id(failure)
+        if key not in seen:
+            seen.add(key)
+            out.append(failure)
+    return out
 
 
 def _train_metrics(trained: list[tuple[ClientProxy, FitRes]]) -> dict:
@@ -358,8 +385,8 @@ def _run_secure(grid: Grid, context: Context, settings: dict, run_dir: Path) -> 
 def secure_summary(opts: SecAggOptions) -> dict:
     return {
         "protocol": "Flower SecAgg+ (legacy workflow API), honest-but-curious coordinator",
-        "coordinator_sees": "per round: the examples-weighted mean of the trained merchants' models and the total "
-                            "weight; each merchant's train metrics in plaintext; never an individual update",
+        "coordinator_sees": "per round: the examples-weighted mean of the trained merchants' updates (model - global) "
+                            "and the total weight; each merchant's train metrics in plaintext; never an individual update",
         "screening": SCREENING_NOTE,
         "num_shares": opts.num_shares,
         "reconstruction_threshold": opts.reconstruction_threshold,
