@@ -50,7 +50,7 @@ def run_evaluate_command(overrides: list[str]) -> int:
         check_data(settings, spec)
         run_dir = resolve_run_dir(settings, spec, PROJECT_ROOT)
     except (ValueError, HydraException) as exc:
-        print(f"storefed evaluate: {exc}", file=sys.stderr)
+        print("storefed evaluate: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
     started = time.time()
     paths = evaluate(settings, spec, run_dir, command=["storefed", "evaluate", *overrides])
