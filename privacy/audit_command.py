@@ -21,15 +21,17 @@ STATEMENT = (
     "An audit lower bound can only show leakage, never prove privacy: a small or zero bound does not "
     "mean the run is private, and only the theoretical epsilon is a guarantee. A bound far below the "
     "theoretical epsilon is expected for a one-run black-box audit (Steinke, Nasr & Jagielski 2023 "
-    "report the same for DP-SGD); a bound above it would mean the guarantee does not hold."
+    "report the same for DP-SGD); a bound above it would be evidence, at the stated confidence, that "
+    "the guarantee does not hold for this run."
 )
 DEFAULT_GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)
 METHOD = "one-run canary audit (Steinke, Nasr & Jagielski, NeurIPS 2023, Theorem 5.2 with delta)"
 
 
-def _int(value, key: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
-        raise AuditConfigError(f"{key}={value!r}: expected an integer >= {minimum}")
+def _int(value, key: str, minimum: int, hint: str = "") -> int:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or int(value) != value or value < minimum:
+        raise AuditConfigError(f"{key}={value!r}: expected an integer >= {minimum}{hint}")
     return int(value)
 
 
@@ -59,7 +61,7 @@ def build_plan(cfg: dict) -> AuditPlan:
         )
     if data.get("source") != "virtual":
         raise AuditConfigError(f"data={data.get('source')!r}: storefed audit runs on virtual stores; use data=virtual")
-    m = _int(audit["canaries"], "audit.canaries", 2)
+    m = _int(audit["canaries"], "audit.canaries", 2, " (hundreds of canaries give a useful bound, e.g. 1000)")
     guesses = audit["guesses"]
     if guesses is None:  # default: 5%, 10%, 20%, 50% and 100% of the canaries
         guesses = sorted({max(1, round(m * f)) for f in DEFAULT_GUESS_FRACTIONS})
@@ -67,7 +69,7 @@ def build_plan(cfg: dict) -> AuditPlan:
         guesses = [guesses]
     if not guesses:
         raise AuditConfigError("audit.guesses=[]: give at least one guess count, e.g. audit.guesses=[100]")
-    guesses = [_int(r, "audit.guesses", 1) for r in guesses]
+    guesses = [_int(r, "audit.guesses", 1, " for every guess count, e.g. audit.guesses=[100,500]") for r in guesses]
     if max(guesses) > m:
         raise AuditConfigError(
             f"audit.guesses={guesses}: {max(guesses)} guesses but only audit.canaries={m} canaries; "
@@ -124,6 +126,11 @@ def build_plan(cfg: dict) -> AuditPlan:
     )
 
 
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: a threshold of an empty guess side is null."""
+    return None if math.isnan(x) else x
+
+
 def audit_record(plan: AuditPlan, run: AuditRun) -> dict:
     """The contents of ``audit.json`` (numbers, units and the plain-English statement)."""
     b = run.bound
@@ -165,8 +172,10 @@ def audit_record(plan: AuditPlan, run: AuditRun) -> dict:
             "correct_in": guess.correct_in,
             "correct_out": guess.correct_out,
             "score": "minus the canary's mean next-item cross-entropy (nats); higher = guessed in",
-            "threshold_in": guess.threshold_in,
-            "threshold_out": guess.threshold_out,
+            "threshold_in": _finite(guess.threshold_in),
+            "threshold_out": _finite(guess.threshold_out),
+            "loss_threshold_in": _finite(-guess.threshold_in),  # guessed "in": mean canary loss <= this (nats)
+            "loss_threshold_out": _finite(-guess.threshold_out),  # guessed "out": mean canary loss >= this (nats)
             "guess_counts_tried": [g.guesses for g, _ in b.tested],
             "bounds_per_guess_count": [{"guesses": g.guesses, "correct": g.correct, "epsilon_lower_bound": e} for g, e in b.tested],
             "multiple_testing": f"Bonferroni over {len(b.tested)} guess count(s): each tested at level {b.level_per_test:.4g}",
@@ -180,6 +189,10 @@ def audit_record(plan: AuditPlan, run: AuditRun) -> dict:
         },
         "statement": STATEMENT,
     }
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
 
 
 def format_report(record: dict) -> str:
@@ -201,7 +214,7 @@ def format_report(record: dict) -> str:
         f"  canaries        : m={e['canaries']} random-history customers ({d['canary_length']} items), each included with probability 1/2",
         f"  guesses         : {e['guesses']} ({e['guesses_in']} in, {e['guesses_out']} out, the rest abstained), "
         f"correct {e['correct']} ({e['correct_in']} in + {e['correct_out']} out)",
-        f"  score threshold : in if loss <= {-e['threshold_in']:.4f} nats, out if loss >= {-e['threshold_out']:.4f} nats",
+        f"  score threshold : in if loss <= {_fmt(e['loss_threshold_in'])} nats, out if loss >= {_fmt(e['loss_threshold_out'])} nats",
         f"  empirical eps   : >= {e['epsilon_lower_bound']:.3f} at {e['confidence']:.0%} confidence (delta={e['delta']:g}; "
         f"{e['multiple_testing']}; tried {e['guess_counts_tried']})",
         f"  note            : {record['statement']}",

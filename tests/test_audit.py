@@ -146,6 +146,7 @@ def test_audit_json_reports_what_was_tested(audits):
         assert e["guesses"] == e["guesses_in"] + e["guesses_out"] <= e["canaries"]
         assert e["correct"] == e["correct_in"] + e["correct_out"] <= e["guesses"]
         assert e["threshold_in"] >= e["threshold_out"] and e["confidence"] == 0.95 and e["delta"] == 1e-5
+        assert e["loss_threshold_in"] == -e["threshold_in"] <= e["loss_threshold_out"] == -e["threshold_out"]
         assert "never prove privacy" in record["statement"] and "expected" in record["statement"]
         assert record["unit"] == "customer"
 
