@@ -45,6 +45,17 @@ def _float(value, key: str, low: float, high: float, what: str) -> float:
     return number
 
 
+def _audit_delta(value, default: float) -> float:
+    """Delta of the tested hypothesis: ``audit.delta``, or ``default`` when null; 0 tests pure DP."""
+    try:
+        number = default if value is None else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (0.0 <= number < 1.0):
+        raise AuditConfigError(f"audit.delta={value!r}: must be in [0, 1), e.g. 1e-5 (null = privacy.delta)")
+    return number
+
+
 def build_plan(cfg: dict) -> AuditPlan:
     """Validate the composed configuration and build the audit plan (one clear error per problem)."""
     from client.data_source import generator_config
@@ -97,11 +108,9 @@ def build_plan(cfg: dict) -> AuditPlan:
             _float(privacy["noise_multiplier"], "privacy.noise_multiplier", 0.0, math.inf, "> 0 or auto")
         _float(privacy["max_grad_norm"], "privacy.max_grad_norm", 0.0, math.inf, "> 0")
         if privacy["grad_sample_mode"] not in GRAD_SAMPLE_MODES:
-            raise AuditConfigError(f"privacy.grad_sample_mode={privacy['grad_sample_mode']!r}: choose one of {GRAD_SAMPLE_MODES}")
-    audit_delta = audit["delta"] if audit["delta"] is not None else (delta if private else 1e-5)
-    audit_delta = float(audit_delta)
-    if not (0.0 <= audit_delta < 1.0):
-        raise AuditConfigError(f"audit.delta={audit_delta!r}: must be in [0, 1), e.g. 1e-5 (or null for privacy.delta)")
+            mode = privacy["grad_sample_mode"]
+            raise AuditConfigError(f"privacy.grad_sample_mode={mode!r}: choose one of {GRAD_SAMPLE_MODES}")
+    audit_delta = _audit_delta(audit["delta"], delta if private else 1e-5)
     max_history = int(task.get("max_history", 50))
     real = real_histories_of_stores([generate_store(gen, s) for s in range(stores)], max_history)
     task_cfg = dict(task, seed=cfg["seed"])
@@ -115,7 +124,7 @@ def build_plan(cfg: dict) -> AuditPlan:
         guesses=guesses,
         confidence=confidence,
         audit_delta=audit_delta,
-        local=LocalTrainingConfig(epochs=epochs, batch_size=batch_size, lr=float(task["lr"]), optimizer=str(task["optimizer"])),
+        local=LocalTrainingConfig(epochs, batch_size, float(task["lr"]), str(task["optimizer"])),
         private=private,
         epsilon_target=epsilon,
         delta=delta,
@@ -177,8 +186,12 @@ def audit_record(plan: AuditPlan, run: AuditRun) -> dict:
             "loss_threshold_in": _finite(-guess.threshold_in),  # guessed "in": mean canary loss <= this (nats)
             "loss_threshold_out": _finite(-guess.threshold_out),  # guessed "out": mean canary loss >= this (nats)
             "guess_counts_tried": [g.guesses for g, _ in b.tested],
-            "bounds_per_guess_count": [{"guesses": g.guesses, "correct": g.correct, "epsilon_lower_bound": e} for g, e in b.tested],
-            "multiple_testing": f"Bonferroni over {len(b.tested)} guess count(s): each tested at level {b.level_per_test:.4g}",
+            "bounds_per_guess_count": [
+                {"guesses": g.guesses, "correct": g.correct, "epsilon_lower_bound": eps} for g, eps in b.tested
+            ],
+            "multiple_testing": (
+                f"Bonferroni over {len(b.tested)} guess count(s): each tested at level {b.level_per_test:.4g}"
+            ),
         },
         "data": {
             "dp_units": run.num_units,
@@ -200,23 +213,29 @@ def format_report(record: dict) -> str:
     t, e, d = record["theoretical"], record["empirical"], record["data"]
     if t["private"]:
         training = (
-            f"DP-SGD (Opacus), Poisson sampling rate {t['sample_rate']:.4g}, noise multiplier {t['noise_multiplier']:.4g}, "
-            f"max_grad_norm {t['max_grad_norm']:g}, {t['steps']} steps"
+            f"DP-SGD (Opacus), Poisson sampling rate {t['sample_rate']:.4g}, "
+            f"noise multiplier {t['noise_multiplier']:.4g}, max_grad_norm {t['max_grad_norm']:g}, {t['steps']} steps"
         )
-        theory = f"{t['epsilon']:.3f} (per customer, delta={t['delta']:g}, {t['accountant'].upper()} accountant, Poisson sampling)"
+        theory = (
+            f"{t['epsilon']:.3f} (per customer, delta={t['delta']:g}, {t['accountant'].upper()} accountant, "
+            "Poisson sampling)"
+        )
     else:
         training = f"NO differential privacy (privacy=none), {t['steps']} steps"
         theory = "none: privacy=none carries no guarantee (epsilon = infinity)"
     lines = [
         f"StoreFed audit: {record['method']}",
-        f"  training        : {training}; {d['dp_units']} customers ({d['real_customers']} real + {e['canaries_included']} canaries)",
+        f"  training        : {training}; {d['dp_units']} customers "
+        f"({d['real_customers']} real + {e['canaries_included']} canaries)",
         f"  theoretical eps : {theory}",
-        f"  canaries        : m={e['canaries']} random-history customers ({d['canary_length']} items), each included with probability 1/2",
+        f"  canaries        : m={e['canaries']} random-history customers ({d['canary_length']} items), "
+        "each included with probability 1/2",
         f"  guesses         : {e['guesses']} ({e['guesses_in']} in, {e['guesses_out']} out, the rest abstained), "
         f"correct {e['correct']} ({e['correct_in']} in + {e['correct_out']} out)",
-        f"  score threshold : in if loss <= {_fmt(e['loss_threshold_in'])} nats, out if loss >= {_fmt(e['loss_threshold_out'])} nats",
-        f"  empirical eps   : >= {e['epsilon_lower_bound']:.3f} at {e['confidence']:.0%} confidence (delta={e['delta']:g}; "
-        f"{e['multiple_testing']}; tried {e['guess_counts_tried']})",
+        f"  score threshold : in if loss <= {_fmt(e['loss_threshold_in'])} nats, "
+        f"out if loss >= {_fmt(e['loss_threshold_out'])} nats",
+        f"  empirical eps   : >= {e['epsilon_lower_bound']:.3f} at {e['confidence']:.0%} confidence "
+        f"(delta={e['delta']:g}; {e['multiple_testing']}; tried {e['guess_counts_tried']})",
         f"  note            : {record['statement']}",
     ]
     return "\n".join(lines)
@@ -227,7 +246,8 @@ def _run_dir(cfg: dict) -> Path:
         return Path(cfg["run_dir"]).resolve()
     from storefed import PROJECT_ROOT
 
-    return PROJECT_ROOT / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{'dp' if cfg['privacy']['enabled'] else 'none'}"
+    mode = "dp" if cfg["privacy"]["enabled"] else "none"
+    return PROJECT_ROOT / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{mode}"
 
 
 def run_audit_command(overrides: list[str]) -> int:

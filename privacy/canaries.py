@@ -53,7 +53,9 @@ def make_canaries(num_items: int, count: int, length: int, seed: int) -> CanaryS
 
 
 @torch.no_grad()
-def canary_scores(model: nn.Module, histories: tuple[np.ndarray, ...], max_history: int, device: torch.device) -> np.ndarray:
+def canary_scores(
+    model: nn.Module, histories: tuple[np.ndarray, ...], max_history: int, device: torch.device
+) -> np.ndarray:
     """Membership score of each canary: minus its mean next-item cross-entropy (nats) over all cuts."""
     model.eval()
     inputs, targets, owner = [], [], []
@@ -67,6 +69,7 @@ def canary_scores(model: nn.Module, histories: tuple[np.ndarray, ...], max_histo
     for start in range(0, len(targets), 4096):  # one forward pass per chunk of (prefix, next item) cases
         x = torch.stack(inputs[start : start + 4096]).to(device)
         y = torch.as_tensor(targets[start : start + 4096], dtype=torch.long, device=device)
-        losses[start : start + len(y)] = nn.functional.cross_entropy(model(x), y, reduction="none").double().cpu().numpy()
-    per_canary = np.bincount(owner, weights=losses, minlength=len(histories)) / np.bincount(owner, minlength=len(histories))
-    return -per_canary
+        loss = nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses[start : start + len(y)] = loss.double().cpu().numpy()
+    cases = np.bincount(owner, minlength=len(histories))
+    return -np.bincount(owner, weights=losses, minlength=len(histories)) / cases

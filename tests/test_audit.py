@@ -174,6 +174,8 @@ def test_report_is_printed(tmp_path, capsys):
         (["audit.confidence=1.5"], "strictly between 0 and 1"),
         (["audit.canary_length=1"], "audit.canary_length=1: expected an integer >= 2"),
         (["audit.no_such_key=1"], "no_such_key"),
+        (["audit.delta=abc"], "audit.delta='abc': must be in [0, 1)"),
+        (["privacy.grad_sample_mode=magic"], "privacy.grad_sample_mode='magic': choose one of"),
     ],
 )
 def test_bad_configuration_is_refused_with_one_clear_line(overrides, message, tmp_path, capsys):
