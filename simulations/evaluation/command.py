@@ -11,6 +11,7 @@ split; results go to ``<run_dir>/results.{json,csv,md}`` (rewritten after each c
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from client.data_source import load_simulated
+from client.device import choose_device
 from client.local_training import LocalTrainingConfig
 from models.task import build_task
 from privacy.atomic_files import atomic_write_text
@@ -112,7 +114,7 @@ def evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] |
         "strategy": settings["strategy"],
         "federated_path": FEDERATED_PATH,
         "command": " ".join(command or []),
-        "machine": f"{platform.machine()}, {platform.system()}, torch threads {spec.threads}",
+        "machine": machine_description(spec.threads),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     rows: list[dict] = []
@@ -140,6 +142,7 @@ def evaluate_cell(settings: dict, spec: EvalSpec, cell: Cell, cell_dir: Path) ->
     merchants = [first] + [load_simulated(to_clients["data"], k)[1] for k in range(1, cell.num_merchants)]
     task = build_task(to_clients["task"], catalog)
     local_cfg = LocalTrainingConfig(**to_clients["local"])
+    device = choose_device(str(settings.get("device", "auto")))  # as merchants choose theirs
     privacy = base["privacy"]
     rows: list[dict] = []
 
@@ -180,16 +183,16 @@ def evaluate_cell(settings: dict, spec: EvalSpec, cell: Cell, cell_dir: Path) ->
                 add(method, methods.tfidf_logreg(task, merchants, spec.tfidf_max_features, cell.seed), time.time() - t0)
             elif method in ("centralized", "centralized_dp"):
                 dp_cfg = None if epsilon is None else dict(dp, epsilon=epsilon)
-                metrics, info = methods.centralized(task, merchants, local_cfg, spec.rounds, dp_cfg)
+                metrics, info = methods.centralized(task, merchants, local_cfg, spec.rounds, dp_cfg, device)
                 add(method, model_metrics(metrics), time.time() - t0, epsilon, info)
             elif method == "local":
-                add(method, model_metrics(methods.local_only(task, merchants, local_cfg, spec.rounds)), time.time() - t0)
+                add(method, model_metrics(methods.local_only(task, merchants, local_cfg, spec.rounds, device)), time.time() - t0)
             else:  # federated, federated_dp
                 fed = dict(base, privacy=dict(privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf")))
                 name = method if epsilon is None else f"{method}-eps{epsilon:g}"
                 result = run_federated(fed, cell_dir / name)
                 fed_task, model = global_model(fed, cell_dir / name, result.state)
-                metrics = model_metrics(methods.evaluate_model(fed_task, model, merchants))
+                metrics = model_metrics(methods.evaluate_model(fed_task, model, merchants, device))
                 info = {"trained_updates": result.trained, "refused": result.refused}
                 if epsilon is not None:
                     spent = result.epsilon_by_merchant.values()
@@ -205,6 +208,15 @@ def evaluate_cell(settings: dict, spec: EvalSpec, cell: Cell, cell_dir: Path) ->
     (cell_dir / "rows.json").parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cell_dir / "rows.json", json.dumps(rows, indent=2, default=str))
     return rows
+
+
+def machine_description(threads: int) -> str:
+    """CPU count and library versions, for the record."""
+    from importlib.metadata import version
+
+    libs = ", ".join(f"{name} {version(name)}" for name in ("torch", "flwr", "opacus"))
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (training on CPU)"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gpu}, torch threads {threads}; {libs}"
 
 
 def _fmt(epsilon: float | None) -> str:

@@ -53,9 +53,12 @@ def pooled(per_merchant: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def evaluate_model(task: Task, model: torch.nn.Module, merchants: list[MerchantData]) -> dict[str, float]:
+def evaluate_model(
+    task: Task, model: torch.nn.Module, merchants: list[MerchantData], device: torch.device = CPU
+) -> dict[str, float]:
     """The task's own evaluation on every merchant's held-out split, pooled."""
-    return pooled([task.evaluate(model, m, CPU) for m in merchants])
+    model.to(device)
+    return pooled([task.evaluate(model, m, device) for m in merchants])
 
 
 def strip_local_baselines(metrics: dict[str, float], prefix: str) -> tuple[dict[str, float], dict[str, float]]:
@@ -125,12 +128,17 @@ def tfidf_logreg(task, merchants: list[MerchantData], max_features: int, seed: i
 def fresh_copy(task: Task, trained: torch.nn.Module) -> torch.nn.Module:
     """A newly built model holding ``trained``'s weights (free of any Opacus hooks)."""
     model = task.build_model()
-    model.load_state_dict(unwrap(trained).state_dict())
+    model.load_state_dict({k: v.cpu() for k, v in unwrap(trained).state_dict().items()})
     return model
 
 
 def centralized(
-    task: Task, merchants: list[MerchantData], local: LocalTrainingConfig, rounds: int, dp: dict | None
+    task: Task,
+    merchants: list[MerchantData],
+    local: LocalTrainingConfig,
+    rounds: int,
+    dp: dict | None,
+    device: torch.device = CPU,
 ) -> tuple[dict[str, float], dict]:
     """Train at one party on every merchant's training data; returns (metrics, privacy info).
 
@@ -150,11 +158,13 @@ def centralized(
         params = DPParams(noise, dp["max_grad_norm"], dp["grad_sample_mode"])
         spent = epsilon_of([(noise, plan.sample_rate, plan.steps)], dp["delta"], dp["accountant"])
         info.update(noise_multiplier=noise, sample_rate=plan.sample_rate, steps=plan.steps, epsilon_spent=spent)
-    train_local(task, model, dataset, cfg, params, CPU)
-    return evaluate_model(task, fresh_copy(task, model), merchants), info
+    train_local(task, model, dataset, cfg, params, device)
+    return evaluate_model(task, fresh_copy(task, model), merchants, device), info
 
 
-def local_only(task: Task, merchants: list[MerchantData], local: LocalTrainingConfig, rounds: int) -> dict[str, float]:
+def local_only(
+    task: Task, merchants: list[MerchantData], local: LocalTrainingConfig, rounds: int, device: torch.device = CPU
+) -> dict[str, float]:
     """Each merchant trains alone (no DP), ``rounds * local.epochs`` epochs, scored on its own split."""
     cfg = replace(local, epochs=local.epochs * rounds)
     rows = []
@@ -162,6 +172,6 @@ def local_only(task: Task, merchants: list[MerchantData], local: LocalTrainingCo
         model = task.build_model()
         dataset = task.train_dataset(m)
         if len(dataset):
-            train_local(task, model, dataset, cfg, None, CPU)
-        rows.append(task.evaluate(model, m, CPU))
+            train_local(task, model, dataset, cfg, None, device)
+        rows.append(task.evaluate(model.to(device), m, device))
     return pooled(rows)

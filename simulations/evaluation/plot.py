@@ -35,7 +35,8 @@ def privacy_utility_plot(path: Path, task: str, summary: list[dict], unit: str, 
     metric = PRIMARY[task]
     ks = sorted({s["num_merchants"] for s in summary})
     partitions = sorted({s["partition"] for s in summary})
-    fig, axes = plt.subplots(len(ks), len(partitions), figsize=(5.2 * len(partitions), 3.8 * len(ks)), squeeze=False)
+    fig, axes = plt.subplots(len(ks), len(partitions), figsize=(max(7.0, 5.2 * len(partitions)), 3.6 * len(ks) + 1.6), squeeze=False)
+    epsilons = sorted({s["epsilon"] for s in summary if s["epsilon"] is not None})
     for row, k in enumerate(ks):
         for col, partition in enumerate(partitions):
             ax = axes[row][col]
@@ -52,14 +53,17 @@ def privacy_utility_plot(path: Path, task: str, summary: list[dict], unit: str, 
                     if s["method"] == method:
                         ax.axhline(s["stats"][metric]["mean"], color=color, linestyle=style, label=METHOD_LABELS[method])
             ax.set_xscale("log")
+            if epsilons:
+                ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+                ax.minorticks_off()
             ax.set_xlabel(f"epsilon (per {unit}, delta={delta:g})")
             ax.set_ylabel(metric)
             ax.set_title(f"K={k}, {partition}")
             ax.grid(alpha=0.3)
-            if row == 0 and col == 0:
-                ax.legend(fontsize=7, loc="best")
-    fig.suptitle(f"StoreFed privacy-utility: {task}, {metric} vs epsilon (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle(f"StoreFed privacy-utility: {task}\n{metric} vs epsilon, mean ± std over seeds", fontsize=10)
+    fig.tight_layout(rect=(0, 1.4 / (3.6 * len(ks) + 1.6), 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
