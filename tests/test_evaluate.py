@@ -12,7 +12,7 @@ import pytest
 
 from simulations.evaluation.command import run_evaluate_command
 from simulations.evaluation.methods import pooled
-from simulations.evaluation.report import summarize
+from simulations.evaluation.report import summarize, targets
 
 NUM_CUSTOMERS = 24
 POSITIVE = ["great", "love", "excellent", "perfect", "awesome"]
@@ -131,6 +131,7 @@ def test_dp_rows_state_their_guarantee_and_stay_within_budget(recommender_run):
     assert len(ledgers) == 3
     assert all(len(json.loads(p.read_text())["rounds"]) == 2 for p in ledgers)
     assert "per customer" in (run_dir / "results.md").read_text()
+    assert "### Targets (means over seeds; federated DP at epsilon = 8)" in (run_dir / "results.md").read_text()
 
 
 def test_summary_is_mean_and_sample_std_of_the_per_seed_rows(recommender_run):
@@ -155,6 +156,24 @@ def test_pooled_metrics_and_summary_statistics_by_hand():
     assert summary["stats"]["hr@10"]["mean"] == pytest.approx(0.3)
     assert summary["stats"]["hr@10"]["std"] == pytest.approx(np.sqrt(((0.2) ** 2 + 0.1**2 + 0.3**2) / 2))
     assert summary["epsilon_spent_max"] == 7.95 and summary["seeds"] == [0, 1, 2]
+
+
+def _summary_row(method: str, value: float, epsilon=None, metric: str = "hr@10") -> dict:
+    return {"num_merchants": 10, "partition": "iid", "method": method, "epsilon": epsilon,
+            "stats": {metric: {"mean": value, "std": 0.0, "values": [value]}}}
+
+
+def test_targets_are_checked_on_the_means():
+    rows = [_summary_row("centralized", 0.10), _summary_row("local", 0.05), _summary_row("popularity", 0.08),
+            _summary_row("federated_dp", 0.02, 1.0), _summary_row("federated_dp", 0.095, 8.0)]
+    text = targets("recommender", rows)
+    assert "epsilon = 8" in text and "95% of centralized" in text and "target >= 90%: met" in text
+    assert "vs local-only 0.0500: beats" in text and "vs popularity 0.0800: beats" in text
+    rows[-1] = _summary_row("federated_dp", 0.07, 8.0)
+    assert "70% of centralized" in targets("recommender", rows) and "MISSED" in targets("recommender", rows)
+    assert "does NOT beat" in targets("recommender", rows)
+    review = [_summary_row("centralized", 0.80, metric="macro_f1"), _summary_row("federated_dp", 0.49, 8.0, "macro_f1")]
+    assert "31.0 points below (target within 5 points: MISSED)" in targets("review", review)
 
 
 def test_movielens_udata_through_the_importer(movielens_file, tmp_path):

@@ -101,6 +101,49 @@ def markdown(task: str, summary: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
+def _mean(summary: list[dict], k: int, partition: str, method: str, metric: str, epsilon=None) -> float | None:
+    for s in summary:
+        if (s["num_merchants"], s["partition"], s["method"], s["epsilon"]) == (k, partition, method, epsilon):
+            return s["stats"][metric]["mean"] if metric in s["stats"] else None
+    return None
+
+
+def targets(task: str, summary: list[dict]) -> str:
+    """The issue's targets, checked on the means, one line per (K, partition).
+
+    Recommender: federated DP at the largest epsilon reaches >= 90% of centralized non-private
+    HR@10 and beats local-only and popularity. Review: federated DP at the largest epsilon is
+    within 5 points macro-F1 of centralized non-private.
+    """
+    metric = PRIMARY[task]
+    epsilons = sorted({s["epsilon"] for s in summary if s["method"] == "federated_dp"})
+    if not epsilons:
+        return ""
+    eps = epsilons[-1]
+    lines = [f"### Targets (means over seeds; federated DP at epsilon = {eps:g})", ""]
+    for k, partition in sorted({(s["num_merchants"], s["partition"]) for s in summary}):
+        fed = _mean(summary, k, partition, "federated_dp", metric, eps)
+        central = _mean(summary, k, partition, "centralized", metric)
+        if fed is None or central is None:
+            continue
+        if task == "recommender":
+            local = _mean(summary, k, partition, "local", metric)
+            pop = _mean(summary, k, partition, "popularity", metric)
+            ratio = fed / central if central else float("nan")
+            checks = [f"{ratio:.0%} of centralized non-private ({fed:.4f} vs {central:.4f}; target >= 90%: "
+                      f"{'met' if ratio >= 0.9 else 'MISSED'})"]
+            if local is not None:
+                checks.append(f"vs local-only {local:.4f}: {'beats' if fed > local else 'does NOT beat'}")
+            if pop is not None:
+                checks.append(f"vs popularity {pop:.4f}: {'beats' if fed > pop else 'does NOT beat'}")
+        else:
+            gap = central - fed
+            checks = [f"{fed:.4f} vs centralized non-private {central:.4f}: {gap * 100:+.1f} points below "
+                      f"(target within 5 points: {'met' if gap <= 0.05 else 'MISSED'})"]
+        lines.append(f"- K={k}, {partition}: {metric} " + "; ".join(checks))
+    return "\n".join(lines) + "\n"
+
+
 def to_csv(rows: list[dict], metrics: list[str]) -> str:
     """One line per per-seed row."""
     buffer = io.StringIO()
@@ -140,5 +183,11 @@ def write_results(run_dir: Path, task: str, meta: dict, rows: list[dict]) -> dic
     payload = {"meta": meta, "rows": rows, "summary": summary}
     atomic_write_text(paths["json"], json.dumps(_json_safe(payload), indent=2, default=str))
     atomic_write_text(paths["csv"], to_csv(rows, metrics))
-    atomic_write_text(paths["md"], markdown(task, summary, header))
+    atomic_write_text(paths["md"], markdown(task, summary, header) + "\n" + targets(task, summary))
     return paths
+
+
+def rewrite(run_dir: Path) -> dict[str, Path]:
+    """Re-render results.csv/md (and the summary in results.json) from ``results.json``'s rows."""
+    payload = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    return write_results(Path(run_dir), payload["meta"]["task"], payload["meta"], payload["rows"])
