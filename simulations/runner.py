@@ -44,6 +44,10 @@ def check_settings(settings: dict) -> None:
         )
     if settings["task"]["name"] == "review" and data["source"] == "movielens":
         raise ValueError("MovieLens u.data has no review text: use task=recommender with data=movielens")
+    if settings["privacy"].get("secure_aggregation", False):
+        from server.secure_aggregation import secagg_options
+
+        secagg_options(settings["privacy"], federation)  # unusable SecAgg+ combinations: refused before Ray starts
 
 
 def simulate(settings: dict, project_root: Path) -> dict:
