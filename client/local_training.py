@@ -83,7 +83,7 @@ def train_local(
                 steps += 1
                 continue
             logits, targets = task.forward(trained, batch, device)
-            loss = criterion(logits, targets)
+            loss = _loss(criterion, logits, targets, ghost=dp is not None and dp.grad_sample_mode == "ghost")
             loss.backward()
             optimizer.step()
             if cfg.proximal_mu > 0:
@@ -94,6 +94,16 @@ def train_local(
         raise RuntimeError(f"took {steps} DP steps but the ledger planned {plan.steps}")
     optimizer.zero_grad(set_to_none=True)
     return LocalTrainingResult(steps, loss_sum / max(steps, 1), len(dataset), plan)
+
+
+def _loss(criterion, logits: torch.Tensor, targets: torch.Tensor, ghost: bool) -> torch.Tensor:
+    """Cross-entropy; for ``(B, k, C)`` logits (k records per DP unit, label -100 = padding) the
+    loss of one unit is the mean over its valid records (Opacus' ghost criterion needs ``shape``)."""
+    if logits.dim() == 2:
+        return criterion(logits, targets)
+    shape = logits.shape
+    flat_logits, flat_targets = logits.reshape(-1, shape[-1]), targets.reshape(-1)
+    return criterion(flat_logits, flat_targets, shape=shape) if ghost else criterion(flat_logits, flat_targets)
 
 
 @torch.no_grad()

@@ -141,6 +141,11 @@ class RecommenderTask:
     privacy_unit = "customer"
 
     def __init__(self, cfg: dict, catalog: Catalog) -> None:
+        if cfg.get("privacy_unit") not in (None, "customer", "user"):
+            raise ValueError(
+                f"privacy.unit={cfg['privacy_unit']!r} is not available for the recommender: its unit is the customer "
+                "(privacy.unit=user means the same)"
+            )
         self.cfg = cfg
         self.num_items = catalog.num_items
         self.dim = int(cfg.get("embedding_dim", 32))

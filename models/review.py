@@ -1,4 +1,4 @@
-"""Review sentiment classifier (a ``transformers`` sequence classifier); DP unit = one review.
+"""Review sentiment classifier (a ``transformers`` sequence classifier); DP unit = review or reviewer.
 
 Labels (``task.labels``): ``polarity`` maps ratings 1-2 -> negative (0), 4-5 -> positive (1)
 and drops 3-star reviews; ``three_class`` keeps 3 stars as neutral (negative 0, neutral 1,
@@ -69,21 +69,65 @@ class MeanPooledBertClassifier(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask, token_type_ids, position_ids) -> torch.Tensor:
+        """Logits ``(B, C)`` for reviews ``(B, L)``, or ``(B, k, C)`` for B reviewers' k reviews ``(B, k, L)``.
+
+        A reviewer's reviews are encoded as one sequence whose attention is block-diagonal (each
+        review attends only to itself, positions restart per review): the same encoding as one
+        review at a time, while every layer keeps the reviewer as its batch dimension, which is
+        what lets Opacus clip per reviewer.
+        """
+        if input_ids.dim() == 3:
+            return self._per_reviewer(input_ids, attention_mask, token_type_ids, position_ids)
         hidden = self.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids
         ).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return self.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
 
+    def _per_reviewer(self, input_ids, attention_mask, token_type_ids, position_ids) -> torch.Tensor:
+        batch, k, length = input_ids.shape
+        segment = torch.arange(k, device=input_ids.device).repeat_interleave(length)
+        valid = attention_mask.reshape(batch, k * length).bool()
+        allowed = (segment[:, None] == segment[None, :])[None] & valid[:, None, :]  # (B, kL, kL)
+        allowed |= torch.eye(k * length, dtype=torch.bool, device=input_ids.device)[None]  # padding rows: no NaN
+        hidden = self.bert(
+            input_ids=input_ids.reshape(batch, k * length),
+            attention_mask=allowed[:, None],
+            token_type_ids=token_type_ids.reshape(batch, k * length),
+            position_ids=position_ids.reshape(batch, k * length),
+        ).last_hidden_state.reshape(batch, k, length, -1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.classifier((hidden * mask).sum(2) / mask.sum(2).clamp(min=1.0))
+
+
+PRIVACY_UNITS = ("review", "user")
+
 
 class ReviewTask:
-    """Review sentiment classification; DP unit = review."""
+    """Review sentiment classification; DP unit = review, or reviewer with ``privacy_unit=user``.
+
+    Reviewer level: one DP sample is one reviewer's ``max_reviews_per_user`` most recent training
+    reviews (older ones are not used), so the clipping norm bounds everything one reviewer
+    contributes to an update; the loss is the mean over that reviewer's reviews.
+    """
 
     name = "review"
-    privacy_unit = "review"
 
     def __init__(self, cfg: dict, catalog: Catalog) -> None:
         self.cfg = cfg
+        unit = cfg.get("privacy_unit") or "review"
+        if unit not in PRIVACY_UNITS:
+            raise ValueError(f"privacy.unit={unit!r} is not available for the review model: choose review or user")
+        self.per_reviewer = unit == "user"
+        self.privacy_unit = "reviewer" if self.per_reviewer else "review"
+        self.max_reviews_per_user = int(cfg.get("max_reviews_per_user", 4))
+        if self.per_reviewer and cfg.get("pretrained_dir"):
+            raise ValueError(
+                "privacy.unit=user is implemented for the mean-pooled review model only: "
+                "unset task.pretrained_dir, or use privacy.unit=review with the pretrained encoder"
+            )
+        if self.max_reviews_per_user < 1:
+            raise ValueError(f"task.max_reviews_per_user={self.max_reviews_per_user} must be >= 1")
         self.scheme = str(cfg.get("labels", "polarity"))
         self.num_classes = 2 if self.scheme == "polarity" else 3
         review_labels(np.zeros(0, dtype=np.int64), self.scheme)  # validates the scheme
@@ -161,22 +205,48 @@ class ReviewTask:
         return enc["input_ids"], enc["attention_mask"]
 
     def _split(self, data: MerchantData, part: str) -> tuple[list[str], np.ndarray]:
+        idx = self._split_indices(data, part)
+        labels = review_labels(data.reviews.rating, self.scheme)
+        return [data.reviews.text[i] for i in idx], labels[idx]
+
+    def _split_indices(self, data: MerchantData, part: str) -> np.ndarray:
         labels = review_labels(data.reviews.rating, self.scheme)
         train_idx, test_idx = split_reviews(len(labels), self.test_fraction, self.seed)
         idx = train_idx if part == "train" else test_idx
-        idx = idx[labels[idx] >= 0]
-        return [data.reviews.text[i] for i in idx], labels[idx]
+        return idx[labels[idx] >= 0]
 
     def train_dataset(self, data: MerchantData) -> Dataset:
+        if self.per_reviewer:
+            return self._reviewer_dataset(data)
         texts, labels = self._split(data, "train")
         ids, mask = self._encode(texts)
         return TensorDataset(ids, mask, torch.as_tensor(labels, dtype=torch.long))
 
+    def _reviewer_dataset(self, data: MerchantData) -> Dataset:
+        """One item per reviewer: ids/mask ``(k, L)`` and labels ``(k,)``, padded with label -100."""
+        idx = self._split_indices(data, "train")
+        labels = review_labels(data.reviews.rating, self.scheme)
+        users = data.reviews.user[idx]
+        groups = []
+        for user in np.unique(users):
+            mine = idx[users == user]
+            groups.append(mine[np.argsort(-data.reviews.timestamp[mine], kind="stable")][: self.max_reviews_per_user])
+        k, length = self.max_reviews_per_user, self._encode([""])[0].shape[1]
+        ids = torch.zeros(len(groups), k, length, dtype=torch.long)
+        mask = torch.zeros(len(groups), k, length, dtype=torch.long)
+        target = torch.full((len(groups), k), -100, dtype=torch.long)
+        for row, group in enumerate(groups):
+            enc_ids, enc_mask = self._encode([data.reviews.text[i] for i in group])
+            ids[row, : len(group)], mask[row, : len(group)] = enc_ids, enc_mask
+            target[row, : len(group)] = torch.as_tensor(labels[group], dtype=torch.long)
+        return TensorDataset(ids, mask, target)
+
     def forward(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, labels): ``(B, C), (B,)`` per review, or ``(B, k, C), (B, k)`` per reviewer."""
         ids, mask, labels = (t.to(device) for t in batch)
-        batch_size, length = ids.shape
+        *lead, length = ids.shape
         # Full-batch position/token-type ids: Opacus needs every input to carry the batch dim.
-        positions = torch.arange(length, device=device).repeat(batch_size, 1)
+        positions = torch.arange(length, device=device).expand(*lead, length).contiguous()
         out = model(
             input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids), position_ids=positions
         )

@@ -20,7 +20,7 @@ class Task(Protocol):
     """A learning task (recommender, review classifier)."""
 
     name: str
-    privacy_unit: str  # what one dataset item is: "customer" or "review"
+    privacy_unit: str  # what one dataset item is: "customer", "review" or "reviewer"
 
     def build_model(self) -> nn.Module:
         """A freshly initialised model (deterministic for a given config seed)."""

@@ -40,7 +40,7 @@ def client_settings(settings: dict, run_dir: Path) -> dict:
     privacy = dict(settings["privacy"])
     privacy["ledger_dir"] = privacy.get("ledger_dir") or str(run_dir / "ledgers")
     privacy["planned_rounds"] = privacy.get("planned_rounds") or default_planned_rounds(settings["federation"])
-    task = dict(settings["task"], seed=settings["seed"])
+    task = dict(settings["task"], seed=settings["seed"], privacy_unit=privacy.get("unit"))
     local = {k: task.pop(k) for k in ("epochs", "batch_size", "lr", "optimizer") if k in task}
     return {
         "task": task,
