@@ -4,6 +4,9 @@ What leaves the merchant in a train reply: exactly the task's shared tensors (na
 of the global model), one MetricRecord of numbers, and one ConfigRecord ``privacy`` with the
 unit, accountant and guarantee text. Nothing else: no customer ids, no per-example values.
 
+Under secure aggregation (``privacy.secure_aggregation``) the same round runs through
+``client/secure_train.py``: its tensors leave only as a masked SecAgg+ vector.
+
 A round is refused (reply with ``refused=1`` and a reason, no tensors) when taking it would
 push the merchant's ledger past its epsilon budget, or when delta >= 1/(number of DP units).
 The ledger is updated atomically *before* the update is released.
