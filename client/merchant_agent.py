@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.merchant_files import load_catalog, load_merchant_dir, summarize
+from privacy.delta_check import check_merchant_delta
 from server.deployment import flower_env
 
 INSECURE_WARNING = (
@@ -79,6 +80,7 @@ def supernode_command(options: MerchantOptions) -> list[str]:
 def run_merchant(options: MerchantOptions) -> int:
     """Validate, then run the SuperNode until it exits; returns its exit code."""
     counts = validate(options)
+    check_merchant_delta(options.delta, counts["users"], counts["reviews"])
     print(f"merchant data OK: {counts}", flush=True)
     command = supernode_command(options)
     if options.insecure:

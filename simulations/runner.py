@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from privacy.delta_check import check_simulation_delta
+from server.central_dp import check_privacy_options
 from server.server_app import RunFailed, make_server_app
 
 
@@ -44,6 +46,8 @@ def check_settings(settings: dict) -> None:
         )
     if settings["task"]["name"] == "review" and data["source"] == "movielens":
         raise ValueError("MovieLens u.data has no review text: use task=recommender with data=movielens")
+    check_privacy_options(settings["privacy"], settings["strategy"].get("name", "fedavg"), int(federation["num_stores"]))
+    check_simulation_delta(settings)  # delta below 1/n at the smallest imported merchant
     if settings["privacy"].get("secure_aggregation", False):
         from server.secure_aggregation import secagg_options
 

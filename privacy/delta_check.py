@@ -1,0 +1,56 @@
+"""delta must lie below 1/n, n = the number of DP units at a merchant.
+
+An (epsilon, delta) guarantee with delta >= 1/n is met by a mechanism that publishes one
+randomly chosen unit's data outright, so StoreFed refuses such settings:
+
+- at configuration time where n is known before training: every merchant of an imported data
+  set in simulation (``check_simulation_delta``), and a merchant's own data at agent start-up
+  (``check_merchant_delta``, with n bounded from above by its customer and review counts);
+- at round time, exactly, by every merchant (client/client_app.py), for virtual stores too.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def delta_problem(delta: float, num_units: int, unit: str, where: str) -> str | None:
+    """Why ``delta`` is unusable for ``num_units`` DP units, or None when it is fine."""
+    if not 0 < delta < 1:
+        return f"privacy.delta={delta:g} must lie in (0, 1)"
+    if num_units and delta >= 1.0 / num_units:
+        return (
+            f"privacy.delta={delta:g} is not below 1/n = 1/{num_units} {unit}s at {where}: a delta of 1/n or more "
+            f"allows publishing one {unit}'s data outright; set privacy.delta below {1.0 / num_units:.2g}"
+        )
+    return None
+
+
+def check_simulation_delta(settings: dict) -> None:
+    """Refuse a simulation whose delta is not below 1/n at its smallest imported merchant."""
+    privacy, data = settings["privacy"], settings["data"]
+    if not privacy.get("enabled", True):
+        return
+    if data.get("source", "virtual") == "virtual":  # stores are generated on demand: checked at round time
+        problem = delta_problem(float(privacy["delta"]), 0, "unit", "any merchant")
+    else:
+        from client.data_source import _partitioned
+        from models.task import build_task
+
+        catalog, merchants = _partitioned(json.dumps(dict(data, seed=settings["seed"]), sort_keys=True))
+        task = build_task(dict(settings["task"], seed=settings["seed"], privacy_unit=privacy.get("unit")), catalog)
+        sizes = [(len(task.train_dataset(m)), m.merchant_id) for m in merchants]
+        smallest, merchant = min((n, mid) for n, mid in sizes if n > 0) if any(n for n, _ in sizes) else (0, "-")
+        problem = delta_problem(float(privacy["delta"]), smallest, task.privacy_unit, f"merchant {merchant}")
+    if problem:
+        raise ValueError(problem)
+
+
+def check_merchant_delta(delta: float | None, users: int, reviews: int) -> None:
+    """A merchant's own delta against an upper bound on its units (customers; reviews)."""
+    if delta is None:
+        return
+    for count, unit in ((users, "customer"), (reviews, "review")):
+        problem = delta_problem(float(delta), count, unit, "this merchant (or fewer, once split for training)")
+        if problem:
+            raise ValueError(problem)
