@@ -90,7 +90,7 @@ def cmd_server(overrides: list[str]) -> int:
     from server.deployment import DeploymentError, ServerOptions, serve
     from simulations.runner import resolve_run_dir
 
-    from server.central_dp import check_privacy_options
+    from privacy.central_dp import check_privacy_options
 
     settings = compose(["data=files", "federation=deployment", *overrides])
     check_privacy_options(settings["privacy"], settings["strategy"]["name"], int(settings["federation"]["num_stores"]))

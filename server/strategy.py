@@ -4,7 +4,7 @@
 ``num-examples`` (Flower's own implementation). Train metrics are aggregated per key:
 examples and steps summed, epsilons reported as the maximum over merchants (the weakest
 guarantee in the round), everything else weighted by examples. With ``privacy.central`` the
-strategy sits inside Flower's client-level DP wrapper (server/central_dp.py) and averages uniformly.
+strategy sits inside Flower's client-level DP wrapper (privacy/central_dp.py) and averages uniformly.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from server.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options, real_replies_metrics
+from privacy.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options, real_replies_metrics
 from server.screening import RoundScreening, screen_train_replies
 
 STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from privacy.delta_check import check_simulation_delta
-from server.central_dp import check_privacy_options
+from privacy.central_dp import check_privacy_options
 from server.server_app import RunFailed, make_server_app
 
 

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from server.central_dp import WEIGHT_KEY, check_privacy_options
+from privacy.central_dp import WEIGHT_KEY, check_privacy_options
 from server.strategy import build_strategy
 
 STORES = {"num_stores": 6, "stores_per_round": 3, "eval_stores_per_round": 3}
