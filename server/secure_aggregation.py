@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
 from pathlib import Path
@@ -110,10 +111,12 @@ def secagg_options(privacy: dict, federation: dict) -> SecAggOptions:
             f"privacy.secagg_reconstruction_threshold={threshold} exceeds the {neighbours} merchants that hold "
             f"shares of each key (secagg_num_shares={shares}, stores_per_round={per_round}): no round could be unmasked"
         )
+    build_workflow(opts, lambda server_round, reason: None)  # Flower's own checks, at config time
     return opts
 
 
-def build_workflow(opts: SecAggOptions, on_halt) -> "LoggedSecAggPlusWorkflow":
+def build_workflow(opts: SecAggOptions, on_halt: Callable[[int, str], None]) -> LoggedSecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with these options; its errors name the config keys."""
     try:
         return LoggedSecAggPlusWorkflow(
             on_halt, opts.num_shares, opts.reconstruction_threshold, max_weight=opts.max_weight,
@@ -127,7 +130,7 @@ def build_workflow(opts: SecAggOptions, on_halt) -> "LoggedSecAggPlusWorkflow":
 class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ fit workflow that says why a round halted, and never unmasks a sum of one."""
 
-    def __init__(self, on_halt, *args, **kwargs) -> None:
+    def __init__(self, on_halt: Callable[[int, str], None], *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.on_halt = on_halt  # (round, reason) -> None
 

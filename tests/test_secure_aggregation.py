@@ -250,6 +250,7 @@ def test_plain_messages_pass_the_router_unchanged(tmp_path, flower_identity):
         ({}, {"stores_per_round": 1}, "stores_per_round >= 2"),
         ({"secagg_quantization_range": 2**22}, {"stores_per_round": 1024}, "overflows"),
         ({"secagg_reconstruction_threshold": 4}, {"stores_per_round": 10}, "exceeds the 3 merchants"),
+        ({"secagg_num_shares": 2}, {"stores_per_round": 10}, "num_shares` as an integer must be greater than 2"),
     ],
 )
 def test_unusable_combinations_are_refused(privacy, federation, message):
