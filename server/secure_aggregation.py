@@ -208,7 +208,9 @@ def build_legacy_strategy(settings: dict, initial: list[np.ndarray], fit_config:
             if not trained:
                 return None, {}
             mean_update = parameters_to_ndarrays(trained[0][1].parameters)
-            model = ndarrays_to_parameters([g + u for g, u in zip(self.current, mean_update, strict=True)])
+            model = ndarrays_to_parameters(
+                [_as_dtype(g + u, g.dtype) for g, u in zip(self.current, mean_update, strict=True)]
+            )
             for _, res in trained:
                 res.parameters = model
             parameters, _ = super().aggregate_fit(server_round, trained, [])
@@ -225,6 +227,11 @@ def build_legacy_strategy(settings: dict, initial: list[np.ndarray], fit_config:
         fit_metrics_aggregation_fn=lambda _: {},  # StoreFed's own, in SecureRoundLog.on_fit
         **cfg,
     )
+
+
+def _as_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The model's own dtype (dequantized sums are float64: float32 models stay float32 on the wire)."""
+    return (values if np.issubdtype(dtype, np.floating) else np.rint(values)).astype(dtype)
 
 
 class SecureRoundLog:
