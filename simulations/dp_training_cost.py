@@ -5,7 +5,7 @@ platform's own ``train_local`` three ways — non-private, DP with ghost clippin
 Opacus hooks — on the device ``choose_device`` picks (CUDA when present), and prints the time
 per optimizer step and peak accelerator memory, with ratios DP / non-private.
 
-    python benchmarks/dp_training_cost.py [--device auto|cpu|cuda] [--customers N] [--items N]
+    python -m simulations.dp_training_cost [--device auto|cpu|cuda] [--customers N] [--items N]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runnable as a plain script
 
 from client.device import choose_device  # noqa: E402
 from client.local_training import DPParams, LocalTrainingConfig, train_local  # noqa: E402
