@@ -29,6 +29,7 @@ from client.local_training import DPParams, LocalTrainingConfig, train_local
 from client.secure_train import secure_aggregation_router
 from models.task import Task, build_task
 from privacy.accounting import plan_noise_multiplier
+from privacy.delta_check import delta_problem
 from privacy.dp_sgd import plan_sampling, unwrap
 from privacy.ledger import PrivacyLedger, open_ledger
 
@@ -155,11 +156,8 @@ def train_round(
     ledger = open_ledger(
         privacy["ledger_dir"], data.merchant_id, task.name, task.privacy_unit, delta, privacy["accountant"], budget
     )
-    if delta >= 1.0 / len(dataset):
-        reason = (
-            f"delta={delta:g} is not below 1/n = 1/{len(dataset)} {task.privacy_unit}s at this merchant: "
-            f"set privacy.delta below {1.0 / len(dataset):.2g}"
-        )
+    reason = delta_problem(delta, len(dataset), task.privacy_unit, "this merchant")
+    if reason:
         return _refusal(reason, ledger, budget, delta)
     plan = plan_sampling(len(dataset), local.batch_size, local.epochs)
     noise = _noise_multiplier(privacy, ledger, plan.sample_rate, plan.steps)
