@@ -31,7 +31,7 @@ from simulations.evaluation import methods
 from simulations.evaluation.federated import global_model, run_federated
 from simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings
 from simulations.evaluation.plot import privacy_utility_plot
-from simulations.evaluation.report import write_results
+from simulations.evaluation.report import summarize, write_results
 
 FEDERATED_PATH = (
     "in-process federation: client.client_app.train per merchant (train_local, ledger, auto noise planning) "
@@ -125,8 +125,6 @@ def evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] |
         rows += evaluate_cell(settings, spec, cell, run_dir / cell.name)
         meta["wall_seconds"] = round(time.time() - started, 1)
         paths = write_results(run_dir, spec.task, meta, rows)
-    from simulations.evaluation.report import summarize
-
     paths["png"] = privacy_utility_plot(
         run_dir / "privacy_utility.png", spec.task, summarize(rows), meta["unit"], meta["delta"]
     )
