@@ -219,6 +219,7 @@ def test_review_run_reports_accuracy_and_macro_f1_per_review(amazon_file, tmp_pa
         (["evaluate.num_merchants=[3,500]"], f"has only {NUM_CUSTOMERS} customers"),
         (["evaluate.epsilons=[0,8]"], "every epsilon must be a finite number > 0"),
         (["evaluate.epsilons=[-1]"], "every epsilon must be a finite number > 0"),
+        (["evaluate.epsilons=[high]"], "evaluate.epsilons=['high'] must be numbers"),
         (["strategy=fedadam"], "strategy='fedadam' is not supported"),
         (["evaluate.partitions=[skewed]"], "evaluate.partitions=['skewed'] is invalid"),
         (["evaluate.seeds=[]"], "evaluate.seeds is empty"),

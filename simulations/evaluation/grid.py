@@ -94,7 +94,11 @@ def build_spec(settings: dict) -> EvalSpec:
     if bad or not partitions:
         raise ValueError(f"evaluate.partitions={partitions} is invalid: choose from {list(SCHEMES)}")
     seeds = _int_list(ev.get("seeds", [0]), "evaluate.seeds")
-    epsilons = [float(e) for e in (ev.get("epsilons") or [])]
+    raw = ev.get("epsilons") or []
+    try:
+        epsilons = [float(e) for e in (raw if isinstance(raw, list) else [raw])]
+    except (TypeError, ValueError):
+        raise ValueError(f"evaluate.epsilons={raw} must be numbers, e.g. evaluate.epsilons=[1,3,8]") from None
     if any(not (e > 0 and math.isfinite(e)) for e in epsilons):
         raise ValueError(f"evaluate.epsilons={epsilons}: every epsilon must be a finite number > 0")
     methods = ev.get("methods") or list(METHODS[task])
