@@ -91,10 +91,22 @@ def resolve_run_dir(settings: dict, spec: EvalSpec, project_root: Path) -> Path:
 
 
 def evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] | None = None) -> dict[str, Path]:
-    """Run the whole grid; returns the written files (results json/csv/md, plot png)."""
+    """Run the whole grid; returns the written files (results json/csv/md, plot png).
+
+    Uses ``evaluate.threads`` torch threads while it runs and restores the caller's setting.
+    """
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, spec.threads))
-    for message in (".*Secure RNG turned off.*", ".*Full backward hook is firing.*", ".*Optimal order is the.*"):
-        warnings.filterwarnings("ignore", message=message)  # Opacus notes repeated per training session
+    try:
+        with warnings.catch_warnings():
+            for message in (".*Secure RNG turned off.*", ".*Full backward hook is firing.*", ".*Optimal order is the.*"):
+                warnings.filterwarnings("ignore", message=message)  # Opacus notes repeated per training session
+            return _evaluate(settings, spec, run_dir, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] | None) -> dict[str, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
     privacy = settings["privacy"]
