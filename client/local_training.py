@@ -66,10 +66,13 @@ def train_local(
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = _optimizer(model, cfg)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=dp is None)
-    criterion: nn.Module = nn.CrossEntropyLoss()
+    weights = getattr(task, "class_weights", None)  # fixed in config, never from the data
+    criterion: nn.Module = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
     trained = model
     if dp is not None:
-        private = make_private(model, optimizer, loader, dp.noise_multiplier, dp.max_grad_norm, dp.grad_sample_mode)
+        private = make_private(
+            model, optimizer, loader, dp.noise_multiplier, dp.max_grad_norm, dp.grad_sample_mode, criterion
+        )
         trained, optimizer, criterion, loader = private.model, private.optimizer, private.criterion, private.loader
         if abs(loader.sample_rate - plan.sample_rate) > 1e-12:
             raise RuntimeError(f"Opacus sample rate {loader.sample_rate} differs from the planned {plan.sample_rate}")

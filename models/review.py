@@ -61,11 +61,11 @@ class MeanPooledBertClassifier(nn.Module):
     DP noise this is what lets the classifier learn (the CLS pooler did not, at small scale).
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, encoder: nn.Module | None = None) -> None:
         super().__init__()
         from transformers import BertModel
 
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.bert = encoder if encoder is not None else BertModel(config, add_pooling_layer=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
 
     def forward(self, input_ids, attention_mask, token_type_ids, position_ids) -> torch.Tensor:
@@ -131,6 +131,7 @@ class ReviewTask:
         self.scheme = str(cfg.get("labels", "polarity"))
         self.num_classes = 2 if self.scheme == "polarity" else 3
         review_labels(np.zeros(0, dtype=np.int64), self.scheme)  # validates the scheme
+        self.class_weights = self._class_weights(cfg.get("class_weights"))
         self.test_fraction = float(cfg.get("test_fraction", 0.2))
         self.seed = int(cfg.get("seed", 0))
         self.batch_eval = 128
@@ -142,6 +143,18 @@ class ReviewTask:
             self.max_length = int(cfg.get("max_length", 64))
         else:
             self.tokenizer = HashingTokenizer(int(cfg.get("vocab_size", 8192)), int(cfg.get("max_length", 64)))
+
+    def _class_weights(self, weights) -> torch.Tensor | None:
+        """Fixed, public loss weights per class (e.g. [10, 1] for rare negatives); None = unweighted."""
+        if weights is None:
+            return None
+        values = [float(w) for w in weights]
+        if len(values) != self.num_classes or min(values) <= 0:
+            raise ValueError(
+                f"task.class_weights={values} needs {self.num_classes} positive numbers, one per class "
+                f"of task.labels={self.scheme} (negative first)"
+            )
+        return torch.tensor(values, dtype=torch.float32)
 
     # -- model ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -172,12 +185,24 @@ class ReviewTask:
         raise ValueError(f"task.pooling={pooling!r} is unknown: choose mean or cls")
 
     def _build_lora_model(self) -> nn.Module:
+        """Frozen local checkpoint + LoRA adapters + a new head. ``task.pooling``: ``mean`` pools the
+        encoder's last hidden states (right for sentence-embedding checkpoints such as MiniLM);
+        ``cls`` uses the checkpoint's own sequence-classification model (CLS pooler)."""
         from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-        base = AutoModelForSequenceClassification.from_pretrained(
-            self.pretrained_dir, num_labels=self.num_classes, local_files_only=True, ignore_mismatched_sizes=True
-        )
+        pooling = str(self.cfg.get("pooling", "mean"))
+        if pooling == "mean":
+            config = AutoConfig.from_pretrained(self.pretrained_dir, local_files_only=True)
+            config.num_labels = self.num_classes
+            base = MeanPooledBertClassifier(config, encoder=AutoModel.from_pretrained(
+                self.pretrained_dir, local_files_only=True, add_pooling_layer=False))
+        elif pooling == "cls":
+            base = AutoModelForSequenceClassification.from_pretrained(
+                self.pretrained_dir, num_labels=self.num_classes, local_files_only=True, ignore_mismatched_sizes=True
+            )
+        else:
+            raise ValueError(f"task.pooling={pooling!r} is unknown: choose mean or cls")
         lora = LoraConfig(
             r=int(self.cfg.get("lora_r", 8)),
             lora_alpha=int(self.cfg.get("lora_alpha", 16)),

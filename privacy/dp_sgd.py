@@ -61,8 +61,12 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     grad_sample_mode: str = "ghost",
+    criterion: nn.Module | None = None,
 ) -> PrivateTraining:
-    """Wrap model, optimizer and loader with Opacus; use the returned criterion for the loss."""
+    """Wrap model, optimizer and loader with Opacus; use the returned criterion for the loss.
+
+    ``criterion`` (default: plain cross-entropy) may carry fixed class weights; they must not depend
+    on the data (a data-dependent weight would change every other unit's gradient)."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
     if noise_multiplier <= 0 or max_grad_norm <= 0:
@@ -71,7 +75,7 @@ def make_private(
     device = next(model.parameters()).device
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
-    criterion = nn.CrossEntropyLoss()
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Optimal order is the .*")

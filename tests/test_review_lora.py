@@ -122,6 +122,7 @@ def make_task(checkpoint) -> ReviewTask:
         "name": "review",
         "labels": "polarity",
         "pretrained_dir": str(checkpoint),
+        "pooling": "cls",  # the adapters must route sentiment into the CLS token (see module docstring)
         "max_length": MAX_LENGTH,
         "lora_r": 8,
         "lora_alpha": 16,
@@ -240,3 +241,42 @@ def test_dp_trained_adapters_alone_carry_the_learning(checkpoint, store):
                 param.zero_()
     ablated = task.evaluate(model, store, CPU)
     assert (ablated["accuracy"], ablated["macro_f1"]) == (before["accuracy"], before["macro_f1"])
+
+
+def test_mean_pooling_loads_the_checkpoints_encoder_and_learns_under_dp(checkpoint, store):
+    """``task.pooling=mean`` (the default): the checkpoint's encoder, frozen, mean-pooled into a new head."""
+    from transformers import BertModel
+
+    task = ReviewTask(dict(make_task(checkpoint).cfg, pooling="mean"), generate_catalog(WORLD))
+    model = task.build_model()
+    reference = BertModel.from_pretrained(checkpoint, add_pooling_layer=False).state_dict()
+    encoder = {k.split("bert.", 1)[1].replace("base_layer.", ""): v for k, v in model.state_dict().items()
+               if ".bert." in k and "lora_" not in k}
+    assert set(encoder) == set(reference) and all(torch.equal(encoder[k], reference[k]) for k in reference)
+    shared = task.shared_keys(model)
+    assert all(".lora_" in k or "classifier" in k for k in shared)
+    torch.manual_seed(3)
+    train_local(task, model, task.train_dataset(store), dataclasses.replace(LOCAL, epochs=2),
+                DPParams(NOISE, CLIP, "ghost"), CPU)
+    after = task.evaluate(model, store, CPU)
+    assert after["macro_f1"] >= after["local_majority_macro_f1"] + 0.3, after
+
+
+def test_fixed_class_weights_shift_predictions_towards_the_weighted_class(store):
+    """A public per-class loss weight (``task.class_weights``) changes what the model predicts."""
+    cfg = {"name": "review", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
+           "max_length": 16, "vocab_size": 512, "seed": 0}
+    negatives = {}
+    for weights in (None, [20.0, 1.0]):
+        task = ReviewTask(dict(cfg, class_weights=weights), generate_catalog(WORLD))
+        model = task.build_model()
+        torch.manual_seed(0)
+        train_local(task, model, task.train_dataset(store), LocalTrainingConfig(epochs=2, batch_size=256, lr=0.01),
+                    None, CPU)
+        ids, mask, _ = task.train_dataset(store).tensors
+        with torch.no_grad():
+            logits, _ = task.forward(model, (ids[:1000], mask[:1000], torch.zeros(1000, dtype=torch.long)), CPU)
+        negatives[str(weights)] = float((logits.argmax(-1) == 0).float().mean())
+    assert negatives["[20.0, 1.0]"] > negatives["None"] + 0.2, negatives
+    with pytest.raises(ValueError, match=r"task.class_weights=\[1.0\] needs 2 positive numbers"):
+        ReviewTask(dict(cfg, class_weights=[1.0]), generate_catalog(WORLD))
