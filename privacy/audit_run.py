@@ -22,6 +22,7 @@ from models.recommender import CustomerDataset, RecommenderTask, customer_histor
 from privacy.accounting import epsilon_of, plan_noise_multiplier
 from privacy.audit import AuditBound, audit_bound
 from privacy.canaries import CanarySet, canary_scores, make_canaries
+from privacy.delta_check import delta_problem
 from privacy.dp_sgd import plan_sampling, unwrap
 
 
@@ -90,11 +91,9 @@ def run_audit(plan: AuditPlan, device: torch.device) -> AuditRun:
     canaries = make_canaries(plan.catalog.num_items, plan.canaries, plan.canary_length, plan.canary_seed)
     dataset = CustomerDataset(plan.real_histories + canaries.members, task.max_history)
     sampling = plan_sampling(len(dataset), plan.local.batch_size, plan.local.epochs)
-    if plan.private and plan.delta >= 1.0 / len(dataset):
-        raise AuditConfigError(
-            f"privacy.delta={plan.delta:g} is not below 1/n = 1/{len(dataset)} customers: set privacy.delta below "
-            f"{1.0 / len(dataset):.2g}"
-        )
+    problem = delta_problem(plan.delta, len(dataset), "customer", "the audited merchant") if plan.private else None
+    if problem:
+        raise AuditConfigError(problem)
     model = task.build_model()
     dp, noise, eps = None, None, None
     if plan.private:

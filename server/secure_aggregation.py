@@ -47,13 +47,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log as flwr_log
 
-from client.data_source import coordinator_catalog
 from client.secure_train import SHARED_KEYS
-from models.task import build_task
 from privacy.atomic_files import atomic_write_text
 from server.checkpoint import save_global_model
 from server.run_log import RunLog
-from server.server_app import RunFailed, client_settings, write_status
+from server.server_app import RunFailed, prepare_run, write_status
 from server.strategy import aggregate_train_metrics
 
 LEGACY_STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
@@ -346,14 +344,11 @@ def run_secure_federation(grid: Grid, context: Context, settings: dict, run_dir:
 
 
 def _run_secure(grid: Grid, context: Context, settings: dict, run_dir: Path) -> dict:
-    to_clients = client_settings(settings, run_dir)
+    setup = prepare_run(settings, run_dir)
+    to_clients, catalog, task, state = setup.to_clients, setup.catalog, setup.task, setup.shared
     privacy, federation = to_clients["privacy"], settings["federation"]
     opts = secagg_options(privacy, federation)
-    catalog = coordinator_catalog(to_clients["data"])
-    task = build_task(to_clients["task"], catalog)
-    model = task.build_model()
-    state = model.state_dict()
-    names = list(task.shared_keys(model))
+    names = list(state)
     dtypes = {k: state[k].dtype for k in names}
     log = RunLog(run_dir, task.name, task.privacy_unit, privacy["accountant"], bool(privacy["enabled"]))
     round_log = SecureRoundLog(log)

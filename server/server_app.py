@@ -15,6 +15,7 @@ import json
 import math
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
 from client.data_source import coordinator_catalog
-from models.task import build_task
+from client.dataset import Catalog
+from models.task import Task, build_task
 from privacy.atomic_files import atomic_write_text
 from server.checkpoint import save_global_model
 from server.run_log import RunLog
@@ -75,14 +77,36 @@ def run_federation(grid: Grid, settings: dict, run_dir: Path) -> dict:
     return summary
 
 
-def _run(grid: Grid, settings: dict, run_dir: Path) -> dict:
+@dataclass(frozen=True)
+class RunSetup:
+    """What every run path starts from: the merchants' settings, the task and its initial shared tensors."""
+
+    to_clients: dict
+    catalog: Catalog
+    task: Task
+    shared: dict[str, torch.Tensor]  # the freshly initialised model's shared tensors, in task order
+
+    @property
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes every merchant update must carry."""
+        return {k: tuple(v.shape) for k, v in self.shared.items()}
+
+
+def prepare_run(settings: dict, run_dir: Path) -> RunSetup:
+    """Client settings, catalog, task and initial model for a run (plain, secure or in-process)."""
     to_clients = client_settings(settings, run_dir)
     catalog = coordinator_catalog(to_clients["data"])
     task = build_task(to_clients["task"], catalog)
     model = task.build_model()
     state = model.state_dict()
-    shared = {k: state[k] for k in task.shared_keys(model)}
-    expected = {k: tuple(v.shape) for k, v in shared.items()}
+    return RunSetup(to_clients, catalog, task, {k: state[k] for k in task.shared_keys(model)})
+
+
+def _run(grid: Grid, settings: dict, run_dir: Path) -> dict:
+    setup = prepare_run(settings, run_dir)
+    to_clients, catalog, task, shared, expected = (
+        setup.to_clients, setup.catalog, setup.task, setup.shared, setup.expected
+    )
     privacy = to_clients["privacy"]
     log = RunLog(run_dir, task.name, task.privacy_unit, privacy["accountant"], bool(privacy["enabled"]))
 

@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from client import client_app
 from client.data_source import coordinator_catalog
 from models.task import build_task
-from server.server_app import client_settings
+from server.server_app import client_settings, prepare_run
 from server.strategy import build_strategy
 
 
@@ -66,13 +66,9 @@ def run_federated(settings: dict, run_dir: Path) -> FederatedResult:
     ``settings`` is a `storefed simulate` configuration (see ``grid.cell_settings``).
     Raises RuntimeError when a whole round fails.
     """
-    to_clients = client_settings(settings, run_dir)
-    catalog = coordinator_catalog(to_clients["data"])
-    task = build_task(to_clients["task"], catalog)
-    model = task.build_model()
-    state = model.state_dict()
-    arrays = ArrayRecord({k: state[k] for k in task.shared_keys(model)})
-    expected = {k: tuple(v.shape) for k, v in state.items() if k in arrays}
+    setup = prepare_run(settings, run_dir)
+    to_clients = setup.to_clients
+    arrays, expected = ArrayRecord(setup.shared), setup.expected
     federation = settings["federation"]
     num_stores, per_round = int(federation["num_stores"]), int(federation["stores_per_round"])
     result = FederatedResult(state={}, planned_rounds=int(to_clients["privacy"]["planned_rounds"] or 0))

@@ -33,6 +33,7 @@ from models.recommender import customer_histories, evaluate_scores, popularity_s
 from models.review import classification_metrics
 from models.task import Task
 from privacy.accounting import epsilon_of, plan_noise_multiplier
+from privacy.delta_check import delta_problem
 from privacy.dp_sgd import plan_sampling, unwrap
 
 CPU = torch.device("cpu")
@@ -151,8 +152,9 @@ def centralized(
     info: dict = {"units": len(dataset), "epochs": cfg.epochs}
     params = None
     if dp is not None:
-        if dp["delta"] >= 1.0 / len(dataset):
-            raise ValueError(f"privacy.delta={dp['delta']:g} is not below 1/n = 1/{len(dataset)}: lower privacy.delta")
+        problem = delta_problem(dp["delta"], len(dataset), task.privacy_unit, "the centralized party")
+        if problem:
+            raise ValueError(problem)
         plan = plan_sampling(len(dataset), cfg.batch_size, cfg.epochs)
         noise = plan_noise_multiplier([], plan.sample_rate, plan.steps, 1, dp["epsilon"], dp["delta"], dp["accountant"])
         params = DPParams(noise, dp["max_grad_norm"], dp["grad_sample_mode"])
