@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from models.task import Task
-from privacy.dp_sgd import SamplingPlan, make_private, plan_sampling
+from storefed.config.schema import TaskConfig
+from storefed.models.task import Task
+from storefed.privacy.dp_sgd import SamplingPlan, make_private, plan_sampling
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,11 @@ class LocalTrainingConfig:
     lr: float = 0.01
     optimizer: str = "adam"
     proximal_mu: float = 0.0
+
+
+def local_training_config(task: TaskConfig, proximal_mu: float = 0.0) -> LocalTrainingConfig:
+    """The local optimisation settings of a task config (epochs, batch size, lr, optimizer)."""
+    return LocalTrainingConfig(task.epochs, task.batch_size, task.lr, task.optimizer, proximal_mu)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.merchant_files import load_catalog, load_merchant_dir, summarize
-from privacy.delta_check import check_merchant_delta
-from server.deployment import flower_env
+from storefed.data.merchant_files import load_catalog, load_merchant_dir, summarize
+from storefed.privacy.delta_check import check_merchant_delta
+from storefed.flower_env import flower_env
 
 INSECURE_WARNING = (
     "WARNING: insecure=true: NO TLS and NO node authentication; model updates travel in clear text. "

@@ -3,9 +3,9 @@
 Routing: ``secure_aggregation_router`` is a mod on the ClientApp's train handler. A train message
 that carries the SecAgg+ stage record (``secaggplus_configs``) goes through Flower's
 ``secaggplus_mod``; every other message reaches the normal handler untouched, so one ClientApp
-(``client.client_app:app``) serves plain and secure runs.
+(``storefed.client.client_app:app``) serves plain and secure runs.
 
-The training is the plain round's code (``client_app.train_round``: DP-SGD, ledger, refusals).
+The training is the plain round's code (``training_round.train_round``: DP-SGD, ledger, refusals).
 What leaves the merchant in a SecAgg+ round, all relayed by the coordinator:
 - stage 0/1: two public keys; Shamir shares of its mask seed and key, each encrypted to one
   neighbour (the coordinator cannot read them);
@@ -33,8 +33,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
+from storefed.client.training_round import train_round
+from storefed.wire import NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND, SHARED_KEYS, RoundConfig
+
 log = logging.getLogger("flwr")
-SHARED_KEYS = "shared-keys"  # fit config: JSON list naming the legacy (unnamed, ordered) arrays
 
 
 def is_secure_aggregation_message(msg: Message) -> bool:
@@ -55,21 +57,16 @@ def secure_fit(msg: Message, context: Context) -> Message:
     The mod masks the FitRes parameters and clears them; only the masked vector and the metrics leave.
     A non-finite update is never masked: the merchant fails this round (a dropout) instead.
     """
-    from client import client_app  # client_app registers this module's router: import at call time
-
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = fitins.config
-    settings = json.loads(str(config["storefed"]))
+    round_config = RoundConfig.from_record(config)
     names = json.loads(str(config[SHARED_KEYS]))
     arrays = parameters_to_ndarrays(fitins.parameters)
     if len(names) != len(arrays):
         raise ValueError(f"SecAgg+ fit: {len(arrays)} arrays but {len(names)} names in '{SHARED_KEYS}'")
     global_state = {name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays)}
-    run_id = str(settings.get("run_id", msg.metadata.run_id))
-    proximal_mu = float(config.get("proximal-mu", 0.0))
-    outcome = client_app.train_round(
-        settings, global_state, int(config["server-round"]), proximal_mu, run_id, context
-    )
+    proximal_mu = float(config.get(PROXIMAL_MU, 0.0))
+    outcome = train_round(round_config, global_state, int(config[SERVER_ROUND]), proximal_mu, dict(context.node_config))
 
     if outcome.arrays is None:  # refusal: take part with a zero update of weight zero
         update, weight = [np.zeros_like(a) for a in arrays], 0
@@ -80,7 +77,7 @@ def secure_fit(msg: Message, context: Context) -> Message:
         update = [state[name] - global_array for name, global_array in zip(names, arrays)]
         if not all(np.isfinite(a).all() for a in update):  # the coordinator cannot screen a masked update
             raise ValueError("SecAgg+ fit: the update has non-finite values: not masked, dropping out of this round")
-        weight = _capped_weight(int(outcome.metrics["num-examples"]), context)
+        weight = _capped_weight(int(outcome.metrics[NUM_EXAMPLES]), context)
         _warn_if_clipped(update, context)
     metrics = dict(outcome.metrics) | {f"privacy.{k}": v for k, v in outcome.privacy.items()}
     fitres = FitRes(Status(Code.OK, "refused" if outcome.arrays is None else "trained"),

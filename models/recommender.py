@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from client.dataset import Catalog, MerchantData
+from storefed.config.schema import RecommenderConfig
+from storefed.data.schema import Catalog, MerchantData
 
 PAD = 0  # item index 0 is padding; catalog item i is embedded at i + 1
 
@@ -140,19 +141,19 @@ class RecommenderTask:
     name = "recommender"
     privacy_unit = "customer"
 
-    def __init__(self, cfg: dict, catalog: Catalog) -> None:
-        if cfg.get("privacy_unit") not in (None, "customer", "user"):
+    def __init__(self, cfg: RecommenderConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> None:
+        if privacy_unit not in (None, "customer", "user"):
             raise ValueError(
-                f"privacy.unit={cfg['privacy_unit']!r} is not available for the recommender: its unit is the customer "
+                f"privacy.unit={privacy_unit!r} is not available for the recommender: its unit is the customer "
                 "(privacy.unit=user means the same)"
             )
         self.cfg = cfg
         self.num_items = catalog.num_items
-        self.dim = int(cfg.get("embedding_dim", 32))
-        self.max_history = int(cfg.get("max_history", 50))
-        self.k = int(cfg.get("top_k", 10))
-        self.num_sampled = int(cfg.get("sampled_candidates", 100))
-        self.seed = int(cfg.get("seed", 0))
+        self.dim = cfg.embedding_dim
+        self.max_history = cfg.max_history
+        self.k = cfg.top_k
+        self.num_sampled = cfg.sampled_candidates
+        self.seed = int(seed)
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from client.dataset import Catalog, MerchantData
-from models.hashing_tokenizer import HashingTokenizer
+from storefed.config.schema import ReviewConfig
+from storefed.data.schema import Catalog, MerchantData
+from storefed.models.hashing_tokenizer import HashingTokenizer
 
 LABEL_SCHEMES = ("polarity", "three_class")
 
@@ -113,36 +114,36 @@ class ReviewTask:
 
     name = "review"
 
-    def __init__(self, cfg: dict, catalog: Catalog) -> None:
+    def __init__(self, cfg: ReviewConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> None:
         self.cfg = cfg
-        unit = cfg.get("privacy_unit") or "review"
+        unit = privacy_unit or "review"
         if unit not in PRIVACY_UNITS:
             raise ValueError(f"privacy.unit={unit!r} is not available for the review model: choose review or user")
         self.per_reviewer = unit == "user"
         self.privacy_unit = "reviewer" if self.per_reviewer else "review"
-        self.max_reviews_per_user = int(cfg.get("max_reviews_per_user", 4))
-        if self.per_reviewer and cfg.get("pretrained_dir"):
+        self.max_reviews_per_user = cfg.max_reviews_per_user
+        if self.per_reviewer and cfg.pretrained_dir:
             raise ValueError(
                 "privacy.unit=user is implemented for the mean-pooled review model only: "
                 "unset task.pretrained_dir, or use privacy.unit=review with the pretrained encoder"
             )
         if self.max_reviews_per_user < 1:
             raise ValueError(f"task.max_reviews_per_user={self.max_reviews_per_user} must be >= 1")
-        self.scheme = str(cfg.get("labels", "polarity"))
+        self.scheme = cfg.labels
         self.num_classes = 2 if self.scheme == "polarity" else 3
         review_labels(np.zeros(0, dtype=np.int64), self.scheme)  # validates the scheme
-        self.class_weights = self._class_weights(cfg.get("class_weights"))
-        self.test_fraction = float(cfg.get("test_fraction", 0.2))
-        self.seed = int(cfg.get("seed", 0))
+        self.class_weights = self._class_weights(cfg.class_weights)
+        self.test_fraction = cfg.test_fraction
+        self.seed = int(seed)
         self.batch_eval = 128
-        self.pretrained_dir = cfg.get("pretrained_dir")
+        self.pretrained_dir = cfg.pretrained_dir
         if self.pretrained_dir:
             from transformers import AutoTokenizer
 
             self.hf_tokenizer = AutoTokenizer.from_pretrained(self.pretrained_dir, local_files_only=True)
-            self.max_length = int(cfg.get("max_length", 64))
+            self.max_length = cfg.max_length
         else:
-            self.tokenizer = HashingTokenizer(int(cfg.get("vocab_size", 8192)), int(cfg.get("max_length", 64)))
+            self.tokenizer = HashingTokenizer(cfg.vocab_size, cfg.max_length)
 
     def _class_weights(self, weights) -> torch.Tensor | None:
         """Fixed, public loss weights per class (e.g. [10, 1] for rare negatives); None = unweighted."""
@@ -165,19 +166,19 @@ class ReviewTask:
 
         config = BertConfig(
             vocab_size=self.tokenizer.vocab_size,
-            hidden_size=int(self.cfg.get("hidden_size", 64)),
-            num_hidden_layers=int(self.cfg.get("num_layers", 2)),
-            num_attention_heads=int(self.cfg.get("num_heads", 2)),
-            intermediate_size=int(self.cfg.get("intermediate_size", 128)),
+            hidden_size=self.cfg.hidden_size,
+            num_hidden_layers=self.cfg.num_layers,
+            num_attention_heads=self.cfg.num_heads,
+            intermediate_size=self.cfg.intermediate_size,
             max_position_embeddings=self.tokenizer.max_length,
             type_vocab_size=1,
             hidden_dropout_prob=0.0,
             attention_probs_dropout_prob=0.0,
             num_labels=self.num_classes,
             pad_token_id=0,
-            initializer_range=float(self.cfg.get("initializer_range", 0.02)),
+            initializer_range=self.cfg.initializer_range,
         )
-        pooling = str(self.cfg.get("pooling", "mean"))
+        pooling = self.cfg.pooling
         if pooling == "mean":
             return MeanPooledBertClassifier(config)
         if pooling == "cls":
@@ -191,7 +192,7 @@ class ReviewTask:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-        pooling = str(self.cfg.get("pooling", "mean"))
+        pooling = self.cfg.pooling
         if pooling == "mean":
             config = AutoConfig.from_pretrained(self.pretrained_dir, local_files_only=True)
             config.num_labels = self.num_classes
@@ -204,9 +205,9 @@ class ReviewTask:
         else:
             raise ValueError(f"task.pooling={pooling!r} is unknown: choose mean or cls")
         lora = LoraConfig(
-            r=int(self.cfg.get("lora_r", 8)),
-            lora_alpha=int(self.cfg.get("lora_alpha", 16)),
-            target_modules=list(self.cfg.get("lora_targets", ["query", "value"])),
+            r=self.cfg.lora_r,
+            lora_alpha=self.cfg.lora_alpha,
+            target_modules=list(self.cfg.lora_targets),
             lora_dropout=0.0,
             modules_to_save=["classifier"],
         )

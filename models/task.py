@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from client.dataset import Catalog, MerchantData
+from storefed.config.schema import RecommenderConfig, ReviewConfig, TaskConfig
+from storefed.data.schema import Catalog, MerchantData
 
 
 class Task(Protocol):
@@ -38,15 +39,14 @@ class Task(Protocol):
         """Metrics on the merchant's held-out split; includes ``num-examples``."""
 
 
-def build_task(task_cfg: dict, catalog: Catalog) -> Task:
-    """The task named by ``task_cfg['name']``."""
-    name = task_cfg.get("name")
-    if name == "recommender":
-        from models.recommender import RecommenderTask
+def build_task(task_cfg: TaskConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> Task:
+    """The task ``task_cfg`` configures; ``seed`` fixes the model initialisation, ``privacy_unit`` the DP unit."""
+    if isinstance(task_cfg, RecommenderConfig):
+        from storefed.models.recommender import RecommenderTask
 
-        return RecommenderTask(task_cfg, catalog)
-    if name == "review":
-        from models.review import ReviewTask
+        return RecommenderTask(task_cfg, catalog, seed, privacy_unit)
+    if isinstance(task_cfg, ReviewConfig):
+        from storefed.models.review import ReviewTask
 
-        return ReviewTask(task_cfg, catalog)
-    raise ValueError(f"task.name={name!r} is unknown: choose task=recommender or task=review")
+        return ReviewTask(task_cfg, catalog, seed, privacy_unit)
+    raise ValueError(f"task={task_cfg!r} is unknown: choose task=recommender or task=review")

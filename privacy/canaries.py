@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.recommender import pad_history
+from storefed.models.recommender import pad_history
 
 _STREAM_HISTORIES, _STREAM_INCLUSION = 0xC0FFEE, 0xBEEF  # independent generator streams per seed
 

@@ -33,7 +33,8 @@ import math
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, SamplingMethod
+from flwr.serverapp import PrivacyConfig as FlowerPrivacyConfig
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideAdaptiveClipping,
@@ -41,14 +42,17 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from storefed.config.schema import PrivacyConfig
+
 CENTRAL_MODES = ("none", "fixed", "adaptive")
 WEIGHT_KEY = "central-dp-weight"  # every merchant's update counts equally under central DP
 CENTRAL_STRATEGIES = ("fedavg", "fedprox")
 
 
-def check_privacy_options(privacy: dict, strategy_name: str, num_stores: int) -> None:
+
+def check_privacy_options(privacy: PrivacyConfig, strategy_name: str, num_stores: int) -> None:
     """Refuse central-DP settings that would not give the stated guarantee (clear messages)."""
-    mode = privacy.get("central", "none")
+    mode = privacy.central
     if mode not in CENTRAL_MODES:
         raise ValueError(f"privacy.central={mode!r} is unknown: choose one of {list(CENTRAL_MODES)}")
     if mode == "none":
@@ -58,18 +62,18 @@ def check_privacy_options(privacy: dict, strategy_name: str, num_stores: int) ->
             f"privacy.central={mode} needs strategy=fedavg or fedprox (got strategy={strategy_name}): "
             "Flower's client-level DP wrappers and accountant assume a uniform average of clipped updates"
         )
-    if privacy.get("secure_aggregation"):
+    if privacy.secure_aggregation:
         raise ValueError(
             f"privacy.central={mode} cannot be combined with privacy.secure_aggregation=true: "
             "the coordinator clips each merchant's update, and secure aggregation hides individual updates. "
             "Choose one of them"
         )
-    z, clip = float(privacy["central_noise_multiplier"]), float(privacy["central_clipping_norm"])
+    z, clip = float(privacy.central_noise_multiplier), float(privacy.central_clipping_norm)
     if not z > 0 or not clip > 0:
         raise ValueError(
             f"privacy.central_noise_multiplier={z} and privacy.central_clipping_norm={clip} must both be > 0"
         )
-    delta, budget = float(privacy["central_delta"]), float(privacy["central_epsilon"])
+    delta, budget = float(privacy.central_delta), float(privacy.central_epsilon)
     if not 0 < delta < 1 / num_stores:
         raise ValueError(
             f"privacy.central_delta={delta:g} must lie in (0, 1/federation.num_stores={1 / num_stores:g}): "
@@ -79,16 +83,16 @@ def check_privacy_options(privacy: dict, strategy_name: str, num_stores: int) ->
         raise ValueError(f"privacy.central_epsilon={budget} must be a finite positive client-level budget")
 
 
-def client_level_accountant(privacy: dict, num_stores: int):
+def client_level_accountant(privacy: PrivacyConfig, num_stores: int):
     """Flower's RDP accountant for client-level releases: add/remove one merchant, no amplification."""
     from flwr.serverapp import RdpAccountant
 
-    config = PrivacyConfig(
-        target_delta=float(privacy["central_delta"]),
+    config = FlowerPrivacyConfig(
+        target_delta=float(privacy.central_delta),
         population_size=num_stores,
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
         sampling_method=SamplingMethod.NO_AMPLIFICATION,
-        max_epsilon=float(privacy["central_epsilon"]),
+        max_epsilon=float(privacy.central_epsilon),
     )
     return RdpAccountant(config)
 
@@ -114,24 +118,24 @@ class CentralDP:
     ``after_release`` once a noisy aggregate was produced.
     """
 
-    def __init__(self, privacy: dict, inner: Strategy, num_sampled: int, num_stores: int) -> None:
-        self.mode = privacy["central"]
+    def __init__(self, privacy: PrivacyConfig, inner: Strategy, num_sampled: int, num_stores: int) -> None:
+        self.mode = privacy.central
         self.num_sampled = num_sampled
-        self.delta = float(privacy["central_delta"])
+        self.delta = float(privacy.central_delta)
         self.accountant = client_level_accountant(privacy, num_stores)
         self.standins_total = 0
         np.random.seed()  # Flower's wrappers draw noise from numpy's global RNG: fresh OS entropy, never the run seed
-        z = float(privacy["central_noise_multiplier"])
+        z = float(privacy.central_noise_multiplier)
         if self.mode == "fixed":
             self.wrapper: Strategy = DifferentialPrivacyServerSideFixedClipping(
-                inner, z, float(privacy["central_clipping_norm"]), num_sampled, accountant=self.accountant
+                inner, z, float(privacy.central_clipping_norm), num_sampled, accountant=self.accountant
             )
         else:
             self.wrapper = AndrewAdaptiveClipping(
                 inner, z, num_sampled,
-                initial_clipping_norm=float(privacy["central_clipping_norm"]),
-                target_clipped_quantile=float(privacy["central_target_quantile"]),
-                clip_norm_lr=float(privacy["central_clip_norm_lr"]),
+                initial_clipping_norm=float(privacy.central_clipping_norm),
+                target_clipped_quantile=float(privacy.central_target_quantile),
+                clip_norm_lr=float(privacy.central_clip_norm_lr),
                 clipped_count_stddev=max(num_sampled / 20, z),  # Flower needs z < 2*stddev
             )
 
@@ -220,11 +224,3 @@ def _nudged(current: ArrayRecord) -> ArrayRecord:
 
 def _unchanged(arrays: ArrayRecord, current: ArrayRecord) -> bool:
     return all(np.array_equal(arrays[name].numpy(), current[name].numpy()) for name in current.keys())
-
-
-def real_replies_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Train metrics over real merchant replies only (stand-ins report num-examples=0)."""
-    from server.strategy import aggregate_train_metrics
-
-    real = [r for r in records if next(iter(r.metric_records.values())).get("num-examples", 0) > 0]
-    return aggregate_train_metrics(real, "num-examples") if real else MetricRecord()

@@ -4,14 +4,12 @@ An (epsilon, delta) guarantee with delta >= 1/n is met by a mechanism that publi
 randomly chosen unit's data outright, so StoreFed refuses such settings:
 
 - at configuration time where n is known before training: every merchant of an imported data
-  set in simulation (``check_simulation_delta``), and a merchant's own data at agent start-up
+  set in simulation (``storefed.simulations.checks``), and a merchant's own data at agent start-up
   (``check_merchant_delta``, with n bounded from above by its customer and review counts);
-- at round time, exactly, by every merchant (client/client_app.py), for virtual stores too.
+- at round time, exactly, by every merchant (client/training_round.py), for virtual stores too.
 """
 
 from __future__ import annotations
-
-import json
 
 
 def delta_problem(delta: float, num_units: int, unit: str, where: str) -> str | None:
@@ -24,26 +22,6 @@ def delta_problem(delta: float, num_units: int, unit: str, where: str) -> str | 
             f"allows publishing one {unit}'s data outright; set privacy.delta below {1.0 / num_units:.2g}"
         )
     return None
-
-
-def check_simulation_delta(settings: dict) -> None:
-    """Refuse a simulation whose delta is not below 1/n at its smallest imported merchant."""
-    privacy, data = settings["privacy"], settings["data"]
-    if not privacy.get("enabled", True):
-        return
-    if data.get("source", "virtual") == "virtual":  # stores are generated on demand: checked at round time
-        problem = delta_problem(float(privacy["delta"]), 0, "unit", "any merchant")
-    else:
-        from client.data_source import _partitioned
-        from models.task import build_task
-
-        catalog, merchants = _partitioned(json.dumps(dict(data, seed=settings["seed"]), sort_keys=True))
-        task = build_task(dict(settings["task"], seed=settings["seed"], privacy_unit=privacy.get("unit")), catalog)
-        sizes = [(len(task.train_dataset(m)), m.merchant_id) for m in merchants]
-        smallest, merchant = min((n, mid) for n, mid in sizes if n > 0) if any(n for n, _ in sizes) else (0, "-")
-        problem = delta_problem(float(privacy["delta"]), smallest, task.privacy_unit, f"merchant {merchant}")
-    if problem:
-        raise ValueError(problem)
 
 
 def check_merchant_delta(delta: float | None, users: int, reviews: int) -> None:

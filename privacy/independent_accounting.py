@@ -34,7 +34,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
-from privacy.accounting import HistoryEntry
+from storefed.privacy.accounting import HistoryEntry
 
 METHODS = ("rdp", "pld")
 

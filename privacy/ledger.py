@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from privacy.accounting import HistoryEntry, check_accountant, epsilon_of
-from privacy.atomic_files import atomic_write_text
+from storefed.privacy.accounting import HistoryEntry, check_accountant, epsilon_of
+from storefed.privacy.atomic_files import atomic_write_text
 
 LEDGER_SCHEMA = 1
 

@@ -13,8 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from privacy.accounting import check_accountant, epsilon_of
-from privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord
+from storefed.privacy.accounting import check_accountant, epsilon_of
+from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord
 
 LEDGER_GLOB = "*.ledger.json"
 

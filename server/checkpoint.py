@@ -6,6 +6,7 @@ always describes a complete weights file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,17 +14,19 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from privacy.atomic_files import atomic_write_bytes, atomic_write_text
+from storefed.config.schema import TaskConfig
+from storefed.privacy.atomic_files import atomic_write_bytes, atomic_write_text
 
 WEIGHTS_FILE = "global_model.safetensors"
 CONFIG_FILE = "model_config.json"
 
 
-def save_global_model(run_dir: Path, state: dict[str, torch.Tensor], task_cfg: dict, num_items: int) -> Path:
+def save_global_model(run_dir: Path, state: dict[str, torch.Tensor], task_cfg: TaskConfig, num_items: int) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(run_dir) / WEIGHTS_FILE
-    atomic_write_bytes(path, save_safetensors(tensors, metadata={"task": str(task_cfg.get("name"))}))
-    atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps({"task": task_cfg, "num_items": num_items}, indent=2))
+    atomic_write_bytes(path, save_safetensors(tensors, metadata={"task": task_cfg.name}))
+    config = {"task": dataclasses.asdict(task_cfg), "num_items": num_items}
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2))
     return path
 
 

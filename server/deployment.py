@@ -29,7 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy.atomic_files import atomic_write_text
+from storefed.config.schema import ServerRunConfig
+from storefed.config.serialize import to_dict
+from storefed.flower_app import APP_DIR
+from storefed.flower_env import flower_env, flwr_bin
+from storefed.privacy.atomic_files import atomic_write_text
 
 CONNECTION = "storefed"
 INSECURE_WARNING = (
@@ -58,20 +62,6 @@ class ServerOptions:
         return f"{self.control_host}:{self.control_port}"
 
 
-def _flwr_bin(name: str) -> str:
-    local = Path(sys.executable).with_name(name)
-    return str(local) if local.exists() else (shutil.which(name) or name)
-
-
-def flower_env(**extra: str) -> dict:
-    """The environment for Flower processes: this interpreter's bin directory first on PATH.
-
-    SuperLink and SuperNode start helper executables (``flower-superexec``, ``flwr-clientapp``) by
-    name, so they must be found even when the virtual environment is not activated.
-    """
-    bin_dir = str(Path(sys.executable).parent)
-    return dict(os.environ, PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]), **extra)
-
 
 def write_connection(flwr_home: Path, options: ServerOptions) -> None:
     """The Flower CLI connection ``storefed`` (control API address + CA) in a project-local FLWR_HOME."""
@@ -85,7 +75,7 @@ def write_connection(flwr_home: Path, options: ServerOptions) -> None:
 
 def superlink_command(options: ServerOptions, run_dir: Path) -> list[str]:
     cmd = [
-        _flwr_bin("flower-superlink"),
+        flwr_bin("flower-superlink"),
         "--fleet-api-address", options.fleet_address,
         "--host", options.control_host,
         "--port", str(options.control_port),
@@ -120,7 +110,7 @@ def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Po
 
 
 def _flwr(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([_flwr_bin("flwr"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([flwr_bin("flwr"), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 def register_merchants(authorized_dir: Path, env: dict) -> list[str]:
@@ -137,9 +127,10 @@ def register_merchants(authorized_dir: Path, env: dict) -> list[str]:
     return names
 
 
-def submit_run(project_root: Path, settings_file: Path, run_dir: Path, env: dict) -> str:
+def submit_run(settings_file: Path, run_dir: Path, env: dict) -> str:
+    """Submit the installed StoreFed app (storefed/flower_app) as one run; returns its run id."""
     run_config = f'settings-file="{settings_file}" run-dir="{run_dir}"'
-    done = _flwr(["run", str(project_root), CONNECTION, "--run-config", run_config, "--format", "json"], env)
+    done = _flwr(["run", str(APP_DIR), CONNECTION, "--run-config", run_config, "--format", "json"], env)
     try:
         reply = json.loads(done.stdout[done.stdout.index("{"):])
     except ValueError:
@@ -183,13 +174,13 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt()
 
 
-def serve(settings: dict, options: ServerOptions, run_dir: Path, project_root: Path) -> dict:
+def serve(settings: ServerRunConfig, options: ServerOptions, run_dir: Path) -> dict:
     """Start the SuperLink, register merchants, run one federation, stop the SuperLink."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if options.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
     settings_file = run_dir / "settings.json"
-    atomic_write_text(settings_file, json.dumps(settings, indent=2))
+    atomic_write_text(settings_file, json.dumps(to_dict(settings), indent=2))
     flwr_home = run_dir / "flwr-home"
     write_connection(flwr_home, options)
     env = flower_env(FLWR_HOME=str(flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
@@ -205,7 +196,7 @@ def serve(settings: dict, options: ServerOptions, run_dir: Path, project_root: P
         if not options.insecure:
             names = register_merchants(options.authorized_dir, env)
             print(f"registered {len(names)} merchant key(s): {', '.join(names)}", flush=True)
-        run_id = submit_run(project_root, settings_file, run_dir, env)
+        run_id = submit_run(settings_file, run_dir, env)
         print(f"submitted run {run_id}", flush=True)
         status = wait_for_run(run_id, run_dir, env, options.run_timeout_s)
     finally:

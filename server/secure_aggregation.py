@@ -22,6 +22,7 @@ The record-level DP of every update (local DP-SGD, merchants' ledgers) is unchan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import traceback
@@ -47,12 +48,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log as flwr_log
 
-from client.secure_train import SHARED_KEYS
-from privacy.atomic_files import atomic_write_text
-from server.checkpoint import save_global_model
-from server.run_log import RunLog
-from server.server_app import RunFailed, prepare_run, write_status
-from server.strategy import aggregate_train_metrics
+from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
+from storefed.privacy.atomic_files import atomic_write_text
+from storefed.server.checkpoint import save_global_model
+from storefed.server.run_log import RunLog
+from storefed.server.run_setup import RunFailed, prepare_run, write_status
+from storefed.server.strategy import aggregate_train_metrics
+from storefed.wire import SHARED_KEYS
 
 LEGACY_STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
 MODULUS_RANGE = 2**32  # Flower's mask modulus (its maximum)
@@ -75,20 +77,20 @@ class SecAggOptions:
     timeout_s: float | None = None
 
 
-def secagg_options(privacy: dict, federation: dict) -> SecAggOptions:
+def secagg_options(privacy: PrivacyConfig, federation: FederationConfig) -> SecAggOptions:
     """Options from config (defaults when a key is absent); a clear error for unusable values."""
     opts = SecAggOptions(
-        num_shares=privacy.get("secagg_num_shares", SecAggOptions.num_shares),
-        reconstruction_threshold=privacy.get("secagg_reconstruction_threshold", SecAggOptions.reconstruction_threshold),
-        clipping_range=float(privacy.get("secagg_clipping_range", SecAggOptions.clipping_range)),
-        quantization_range=int(privacy.get("secagg_quantization_range", SecAggOptions.quantization_range)),
-        max_weight=float(privacy.get("secagg_max_weight", SecAggOptions.max_weight)),
-        timeout_s=privacy.get("secagg_timeout_s", SecAggOptions.timeout_s),
+        num_shares=privacy.secagg_num_shares,
+        reconstruction_threshold=privacy.secagg_reconstruction_threshold,
+        clipping_range=float(privacy.secagg_clipping_range),
+        quantization_range=int(privacy.secagg_quantization_range),
+        max_weight=float(privacy.secagg_max_weight),
+        timeout_s=privacy.secagg_timeout_s,
     )
-    per_round = int(federation["stores_per_round"])
-    if str(privacy.get("central", "none")) != "none":
+    per_round = int(federation.stores_per_round)
+    if str(privacy.central) != "none":
         raise ValueError(
-            f"privacy.secure_aggregation=true cannot be combined with privacy.central={privacy['central']}: "
+            f"privacy.secure_aggregation=true cannot be combined with privacy.central={privacy.central}: "
             "client-level DP clips each merchant's update on the coordinator, which sees only the sum under "
             "secure aggregation; use one of the two"
         )
@@ -175,14 +177,14 @@ def _current_round(context: Context) -> int:
     return int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
 
 
-def build_legacy_strategy(settings: dict, initial: list[np.ndarray], fit_config: dict, on_fit) -> FedAvg:
+def build_legacy_strategy(settings: RunConfig, initial: list[np.ndarray], fit_config: dict, on_fit) -> FedAvg:
     """The configured strategy in Flower's legacy API, sampling as ``server/strategy.build_strategy``."""
-    cfg = dict(settings["strategy"])
-    name = cfg.pop("name", "fedavg")
+    cfg = dataclasses.asdict(settings.strategy)
+    name = cfg.pop("name")
     if name not in LEGACY_STRATEGIES:
         raise ValueError(f"strategy.name={name!r} is unknown: choose one of {sorted(LEGACY_STRATEGIES)}")
-    federation = settings["federation"]
-    num_stores, per_round = int(federation["num_stores"]), int(federation["stores_per_round"])
+    federation = settings.federation
+    num_stores, per_round = int(federation.num_stores), int(federation.stores_per_round)
     if not 1 <= per_round <= num_stores:
         raise ValueError(f"federation.stores_per_round={per_round} must lie in 1..num_stores={num_stores}")
     if name == "fedprox":
@@ -330,7 +332,7 @@ def global_state(context: Context, names: list[str], dtypes: dict[str, torch.dty
     return out
 
 
-def run_secure_federation(grid: Grid, context: Context, settings: dict, run_dir: Path) -> dict:
+def run_secure_federation(grid: Grid, context: Context, settings: RunConfig, run_dir: Path) -> dict:
     """``run_federation`` under SecAgg+: status.json ``running`` -> ``completed`` | ``failed`` (reason)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_status(run_dir, "running")
@@ -343,27 +345,27 @@ def run_secure_federation(grid: Grid, context: Context, settings: dict, run_dir:
     return summary
 
 
-def _run_secure(grid: Grid, context: Context, settings: dict, run_dir: Path) -> dict:
+def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path) -> dict:
     setup = prepare_run(settings, run_dir)
     to_clients, catalog, task, state = setup.to_clients, setup.catalog, setup.task, setup.shared
-    privacy, federation = to_clients["privacy"], settings["federation"]
-    opts = secagg_options(privacy, federation)
+    privacy, federation = to_clients.privacy, settings.federation
+    opts = secagg_options(settings.privacy, federation)
     names = list(state)
     dtypes = {k: state[k].dtype for k in names}
-    log = RunLog(run_dir, task.name, task.privacy_unit, privacy["accountant"], bool(privacy["enabled"]))
+    log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, bool(privacy.enabled))
     round_log = SecureRoundLog(log)
     print(f"[{task.name}] {SCREENING_NOTE}", flush=True)
     flwr_log(INFO, "StoreFed: %s", SCREENING_NOTE)
 
-    storefed = json.dumps(to_clients)
-    fit_config = {"storefed": storefed, SHARED_KEYS: json.dumps(names)}
+    round_record = to_clients.to_record()
+    fit_config = round_record | {SHARED_KEYS: json.dumps(names)}
     initial = [state[k].detach().cpu().numpy() for k in names]
     strategy = build_legacy_strategy(settings, initial, fit_config, round_log.on_fit)
-    rounds = int(federation["rounds"])
-    eval_per_round = int(federation.get("eval_stores_per_round", federation["stores_per_round"]))
+    rounds = int(federation.rounds)
+    eval_per_round = federation.evaluated_per_round()
     workflow = DefaultWorkflow(
         fit_workflow=build_workflow(opts, round_log.on_halt),
-        evaluate_workflow=MessageEvaluation(names, dtypes, ConfigRecord({"storefed": storefed}), eval_per_round, round_log),
+        evaluate_workflow=MessageEvaluation(names, dtypes, ConfigRecord(round_record), eval_per_round, round_log),
     )
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
     started = time.time()
@@ -372,7 +374,7 @@ def _run_secure(grid: Grid, context: Context, settings: dict, run_dir: Path) -> 
         last = max(round_log.halted) if round_log.halted else rounds
         raise RunFailed(f"no round could be securely aggregated; round {last}: {round_log.halted.get(last, 'no replies')}")
     final = global_state(legacy, names, dtypes)
-    save_global_model(run_dir, final, to_clients["task"], catalog.num_items)
+    save_global_model(run_dir, final, to_clients.task, catalog.num_items)
     summary = {
         "task": task.name,
         "rounds": rounds,

@@ -16,8 +16,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
-from privacy.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options, real_replies_metrics
-from server.screening import RoundScreening, screen_train_replies
+import dataclasses
+
+from storefed.config.schema import FederationConfig, PrivacyConfig, StrategyConfig
+from storefed.privacy.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options
+from storefed.server.screening import RoundScreening, screen_train_replies
 
 STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
 _SUMMED = ("num-examples", "steps", "refused")
@@ -35,13 +38,19 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return out
 
 
+def real_replies_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Train metrics over real merchant replies only (central DP's stand-ins report num-examples=0)."""
+    real = [r for r in records if next(iter(r.metric_records.values())).get("num-examples", 0) > 0]
+    return aggregate_train_metrics(real, "num-examples") if real else MetricRecord()
+
+
 def build_strategy(
-    strategy_cfg: dict,
-    federation_cfg: dict,
+    strategy_cfg: StrategyConfig,
+    federation_cfg: FederationConfig,
     expected: dict[str, tuple[int, ...]],
     on_screened: Callable[[int, RoundScreening], None],
     on_round_end: Callable[[int, dict | None, dict | None], None] | None = None,
-    privacy_cfg: dict | None = None,
+    privacy_cfg: PrivacyConfig | None = None,
 ) -> "ScreenedStrategy":
     """The configured Flower strategy behind StoreFed's reply screening (and central DP, if configured).
 
@@ -49,21 +58,21 @@ def build_strategy(
     to stop the run); ``on_round_end(round, train_metrics, eval_metrics)`` gets the aggregated
     metrics once the round's evaluation is done.
     """
-    name = strategy_cfg.get("name", "fedavg")
+    name = strategy_cfg.name
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name={name!r} is unknown: choose one of {sorted(STRATEGIES)}")
-    num_stores = int(federation_cfg["num_stores"])
-    per_round = int(federation_cfg["stores_per_round"])
-    eval_per_round = int(federation_cfg.get("eval_stores_per_round", per_round))
+    num_stores = int(federation_cfg.num_stores)
+    per_round = int(federation_cfg.stores_per_round)
+    eval_per_round = federation_cfg.evaluated_per_round()
     if not 1 <= per_round <= num_stores or not 0 <= eval_per_round <= num_stores:
         raise ValueError(
             f"federation.stores_per_round={per_round} and eval_stores_per_round={eval_per_round} "
             f"must lie in 1..num_stores={num_stores}"
         )
-    privacy_cfg = privacy_cfg or {}
+    privacy_cfg = privacy_cfg or PrivacyConfig()
     check_privacy_options(privacy_cfg, name, num_stores)
-    central_mode = privacy_cfg.get("central", "none")
-    options = {k: v for k, v in strategy_cfg.items() if k != "name"}
+    central_mode = privacy_cfg.central
+    options = {k: v for k, v in dataclasses.asdict(strategy_cfg).items() if k != "name"}
     if central_mode != "none":
         options |= {"weighted_by_key": WEIGHT_KEY, "train_metrics_aggr_fn": real_replies_metrics}
     else:

@@ -5,7 +5,7 @@ platform's own ``train_local`` three ways — non-private, DP with ghost clippin
 Opacus hooks — on the device ``choose_device`` picks (CUDA when present), and prints the time
 per optimizer step and peak accelerator memory, with ratios DP / non-private.
 
-    python -m simulations.dp_training_cost [--device auto|cpu|cuda] [--customers N] [--items N]
+    python -m storefed.simulations.dp_training_cost [--device auto|cpu|cuda] [--customers N] [--items N]
 """
 
 from __future__ import annotations
@@ -18,22 +18,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also runnable as a plain script
+from storefed.client.device import choose_device
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+from storefed.config.schema import RecommenderConfig, ReviewConfig, TaskConfig
+from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+from storefed.models.task import build_task
 
-from client.device import choose_device  # noqa: E402
-from client.local_training import DPParams, LocalTrainingConfig, train_local  # noqa: E402
-from models.task import build_task  # noqa: E402
-from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store  # noqa: E402
-
-TASKS = {
-    "recommender": {"name": "recommender", "embedding_dim": 64, "max_history": 50},
-    "review": {"name": "review", "labels": "polarity", "vocab_size": 4096, "max_length": 64, "hidden_size": 128,
-               "num_layers": 2, "num_heads": 4, "intermediate_size": 256, "test_fraction": 0.2},
+TASKS: dict[str, TaskConfig] = {
+    "recommender": RecommenderConfig(embedding_dim=64, max_history=50),
+    "review": ReviewConfig(vocab_size=4096, max_length=64, hidden_size=128, num_layers=2, num_heads=4,
+                           intermediate_size=256),
 }
 MODES = {"non-private": None, "dp-ghost": "ghost", "dp-hooks": "hooks"}
 
 
-def measure(task_cfg: dict, gen: StoreGeneratorConfig, mode: str | None, device: torch.device, epochs: int,
+def measure(task_cfg: TaskConfig, gen: StoreGeneratorConfig, mode: str | None, device: torch.device, epochs: int,
             batch_size: int) -> dict:
     """Seconds per optimizer step (after one warm-up session) and peak accelerator memory."""
     catalog = generate_catalog(gen)

@@ -1,6 +1,6 @@
 """Cost of secure aggregation: plain FedAvg vs Flower SecAgg+, side by side in one run.
 
-    python -m simulations.secagg_cost [key=value ...]      (hydra overrides, e.g. federation.rounds=3)
+    python -m storefed.simulations.secagg_cost [key=value ...]      (hydra overrides, e.g. federation.rounds=3)
 
 Both runs use the same config, the same Flower Simulation Engine (Ray) setup, the same ClientApp
 and the same ServerApp code (``run_federation`` vs ``run_secure_federation``). Measured: wall time
@@ -13,6 +13,7 @@ Lives in simulations/ (not a top-level benchmarks/ package: opacus installs one 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -26,7 +27,6 @@ from flwr.app import Context, Message
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = [
     "federation.num_stores=4", "federation.stores_per_round=4", "federation.eval_stores_per_round=4",
     "federation.rounds=3", "task.epochs=1", "data.generator.num_items=1000", "data.generator.mean_customers=60",
@@ -97,18 +97,17 @@ class CountingGrid(Grid):
         return replies
 
 
-def measure(settings: dict, secure: bool, run_dir: Path) -> dict:
+def measure(settings: RunConfig, secure: bool, run_dir: Path) -> dict:
     """One simulated run; wall seconds per round and bytes per round at the coordinator."""
     from flwr.simulation import run_simulation
 
-    from client.client_app import app as client_app
-    from server.secure_aggregation import run_secure_federation
-    from server.server_app import run_federation
-    from simulations.runner import prepare_environment
+    from storefed.client.client_app import app as client_app
+    from storefed.server.secure_aggregation import run_secure_federation
+    from storefed.server.server_app import run_federation
+    from storefed.flower_env import prepare_simulation_environment
 
-    prepare_environment(PROJECT_ROOT)
-    settings = json.loads(json.dumps(settings))
-    settings["privacy"]["secure_aggregation"] = secure
+    prepare_simulation_environment(run_dir.parent / ".flwr")
+    settings = dataclasses.replace(settings, privacy=dataclasses.replace(settings.privacy, secure_aggregation=secure))
     traffic, clock = Traffic(), {}
     server_app = ServerApp()
 
@@ -123,16 +122,16 @@ def measure(settings: dict, secure: bool, run_dir: Path) -> dict:
             run_federation(counted, settings, run_dir)
         clock["end"] = time.perf_counter()
 
-    federation = settings["federation"]
+    federation = settings.federation
     run_simulation(
-        server_app=server_app, client_app=client_app, num_supernodes=int(federation["num_stores"]),
+        server_app=server_app, client_app=client_app, num_supernodes=federation.num_stores,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                         "init_args": {"logging_level": "error", "log_to_driver": False, "include_dashboard": False}},
     )
     status = json.loads((run_dir / "status.json").read_text())
     if status["status"] != "completed":
         raise RuntimeError(f"{'secure' if secure else 'plain'} run failed: {status['error']}")
-    rounds = int(federation["rounds"])
+    rounds = federation.rounds
     return {
         "seconds_per_round": traffic.steady_seconds_per_round(),
         "seconds_per_round_incl_first": (clock["end"] - clock["start"]) / rounds,
@@ -143,13 +142,12 @@ def measure(settings: dict, secure: bool, run_dir: Path) -> dict:
 
 
 def main(overrides: list[str]) -> None:
-    sys.path.insert(0, str(PROJECT_ROOT))
-    from storefed import compose
+    from storefed.config import compose
 
-    settings = compose(DEFAULTS + overrides)
-    fed = settings["federation"]
-    print(f"SecAgg+ cost: {fed['num_stores']} stores, {fed['stores_per_round']} per round, {fed['rounds']} rounds, "
-          f"task={settings['task']['name']}, privacy.enabled={settings['privacy']['enabled']} "
+    settings = compose("simulate", DEFAULTS + overrides)
+    fed = settings.federation
+    print(f"SecAgg+ cost: {fed.num_stores} stores, {fed.stores_per_round} per round, {fed.rounds} rounds, "
+          f"task={settings.task.name}, privacy.enabled={settings.privacy.enabled} "
           f"(2 CPU cores, Ray simulation; Ray start-up excluded)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         plain = measure(settings, False, Path(tmp) / "plain")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.accounting import epsilon_of, plan_noise_multiplier
+from storefed.privacy.accounting import epsilon_of, plan_noise_multiplier
 
 HISTORIES = [
     [(1.1, 0.5, 4)],

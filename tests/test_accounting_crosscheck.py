@@ -50,8 +50,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy import integrate
 
-from privacy.accounting import epsilon_of, plan_noise_multiplier
-from privacy.independent_accounting import dp_event_of, dp_accounting_epsilon
+from storefed.privacy.accounting import epsilon_of, plan_noise_multiplier
+from storefed.privacy.independent_accounting import dp_event_of, dp_accounting_epsilon
 
 TOLERANCE = 0.01
 DELTAS = (1e-5, 1e-6)

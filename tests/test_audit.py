@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import optimize, special, stats
 
-from privacy.audit import audit_bound, epsilon_lower_bound, guess_by_score, p_value, split_guesses
-from privacy.audit_command import run_audit_command
+from storefed.privacy.audit import audit_bound, epsilon_lower_bound, guess_by_score, p_value, split_guesses
+from storefed.cli import main
 
 
 # -- the bound ----------------------------------------------------------------------------------
@@ -109,7 +109,7 @@ def audits(tmp_path_factory):
     out = {}
     for name, privacy in (("dp", [f"privacy.epsilon={TARGET_EPS}"]), ("none", ["privacy=none"])):
         run_dir = tmp_path_factory.mktemp(f"audit-{name}")
-        assert run_audit_command([*SMALL, *privacy, f"run_dir={run_dir}"]) == 0
+        assert main(["audit", *SMALL, *privacy, f"run_dir={run_dir}"]) == 0
         out[name] = json.loads((run_dir / "audit.json").read_text(encoding="utf-8"))
     return out
 
@@ -153,7 +153,7 @@ def test_audit_json_reports_what_was_tested(audits):
 
 def test_report_is_printed(tmp_path, capsys):
     args = ["audit.stores=1", "audit.canaries=100", "audit.guesses=[20,100]", "task.epochs=2", "device=cpu"]
-    assert run_audit_command([*args, "privacy=none", f"run_dir={tmp_path}"]) == 0
+    assert main(["audit", *args, "privacy=none", f"run_dir={tmp_path}"]) == 0
     text = capsys.readouterr().out
     assert "theoretical eps : none: privacy=none carries no guarantee" in text
     assert "empirical eps   : >= " in text and "m=100 " in text and "never prove privacy" in text
@@ -164,29 +164,28 @@ def test_report_is_printed(tmp_path, capsys):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["audit.canaries=1"], "audit.canaries=1: expected an integer >= 2"),
-        (["audit.canaries=100", "audit.guesses=[50,200]"], "200 guesses but only audit.canaries=100 canaries"),
-        (["audit.guesses=[0]"], "audit.guesses=0: expected an integer >= 1"),
+        (["audit.canaries=1"], "audit.canaries=1 is not allowed: must be an integer >= 2"),
+        (["audit.canaries=100", "audit.guesses=[50,200]"], "audit.guesses=200 is not allowed: each guess count must lie in 1..audit.canaries=100"),
+        (["audit.guesses=[0]"], "audit.guesses=0 is not allowed"),
         (["privacy.epsilon=0"], "privacy.epsilon=0"),
         (["privacy.epsilon=-1"], "must be a finite number > 0"),
         (["privacy.delta=0.5", "audit.stores=0", "audit.canaries=20", "audit.guesses=[10]"], "set privacy.delta below"),
         (["task=review"], "use task=recommender"),
-        (["audit.confidence=1.5"], "strictly between 0 and 1"),
-        (["audit.canary_length=1"], "audit.canary_length=1: expected an integer >= 2"),
+        (["audit.confidence=1.5"], "audit.confidence=1.5 is not allowed: must lie strictly between 0 and 1"),
+        (["audit.canary_length=1"], "audit.canary_length=1 is not allowed: must be an integer >= 2"),
         (["audit.no_such_key=1"], "no_such_key"),
-        (["audit.delta=abc"], "audit.delta='abc': must be in [0, 1)"),
-        (["privacy.grad_sample_mode=magic"], "privacy.grad_sample_mode='magic': choose one of"),
+        (["audit.delta=abc"], "audit.delta=abc"),
+        (["privacy.grad_sample_mode=magic"], "privacy.grad_sample_mode='magic' is not allowed: choose one of"),
     ],
 )
 def test_bad_configuration_is_refused_with_one_clear_line(overrides, message, tmp_path, capsys):
-    assert run_audit_command([*overrides, f"run_dir={tmp_path}"]) == 2
+    assert main(["audit", *overrides, f"run_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and err.startswith("storefed audit: ") and len(err.splitlines()) == 1
     assert not (tmp_path / "audit.json").exists()
 
 
 def test_storefed_command_dispatches_to_the_audit(tmp_path, capsys):
-    from storefed import main
 
     assert main(["audit", "audit.canaries=1", f"run_dir={tmp_path}"]) == 2
     assert "audit.canaries=1" in capsys.readouterr().err

@@ -10,18 +10,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from privacy.central_dp import WEIGHT_KEY, check_privacy_options
-from server.strategy import build_strategy
+from storefed.config.schema import FedAvgConfig, FederationConfig
+from storefed.privacy.central_dp import WEIGHT_KEY, check_privacy_options
+from storefed.server.strategy import build_strategy
 
-STORES = {"num_stores": 6, "stores_per_round": 3, "eval_stores_per_round": 3}
+STORES = FederationConfig(num_stores=6, stores_per_round=3, eval_stores_per_round=3)
 EXPECTED = {"w": (4,)}
 
 
-def _privacy(**overrides) -> dict:
-    from storefed import compose
+def _privacy(**overrides):
+    from storefed.config.schema import PrivacyConfig
 
-    privacy = compose(["privacy.central=fixed"])["privacy"]
-    return privacy | {"central_delta": 1e-3} | overrides
+    return PrivacyConfig(**({"central": "fixed", "central_delta": 1e-3} | overrides))
 
 
 class FakeGrid:
@@ -48,8 +48,8 @@ def _replies(instructions: list[Message], kinds: list[str], update: np.ndarray) 
     return out
 
 
-def _strategy(privacy: dict, seen: list):
-    return build_strategy({"name": "fedavg"}, STORES, EXPECTED, lambda r, s: seen.append(s), None, privacy)
+def _strategy(privacy, seen: list):
+    return build_strategy(FedAvgConfig(), STORES, EXPECTED, lambda r, s: seen.append(s), None, privacy)
 
 
 def _round(strategy, server_round: int, kinds: list[str], update: np.ndarray, start: np.ndarray):

@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from conftest import ROOT
-from privacy.certificates import CertificateRequest, create_certificates
+from storefed.privacy.certificates import CertificateRequest, create_certificates
 
 
 def _certs(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "storefed.py"), "certs", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "storefed", "certs", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_certs_command_creates_a_verifiable_chain_and_loadable_node_keys(tmp_path):

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from privacy.delta_check import check_merchant_delta, check_simulation_delta, delta_problem
+from storefed.privacy.delta_check import check_merchant_delta, delta_problem
+from storefed.simulations.checks import check_simulation_delta
 from test_importers import amazon_records, write_jsonl
 
 
@@ -22,16 +23,16 @@ def test_delta_problem_names_n_the_unit_and_the_fix():
     assert "must lie in (0, 1)" in delta_problem(1.5, 0, "review", "x")
 
 
-def _amazon_settings(tmp_path, *overrides: str) -> dict:
-    from storefed import compose
+def _amazon_settings(tmp_path, *overrides: str):
+    from storefed.config import compose
 
     path = write_jsonl(tmp_path / "reviews.json.gz", amazon_records(num_users=30, num_items=6), compress=True)
-    return compose(["data=amazon", f"data.path={path}", "data.num_merchants=3", "federation.num_stores=3",
+    return compose("simulate", ["data=amazon", f"data.path={path}", "data.num_merchants=3", "federation.num_stores=3",
                     "federation.stores_per_round=2", *overrides])
 
 
 def test_simulation_refuses_delta_at_or_above_one_over_the_smallest_merchants_customers(tmp_path):
-    from client.data_source import _partitioned
+    from storefed.data.sources import _partitioned
 
     settings = _amazon_settings(tmp_path, "privacy.delta=0.2")
     with pytest.raises(ValueError) as err:
@@ -46,7 +47,7 @@ def test_simulation_refuses_delta_at_or_above_one_over_the_smallest_merchants_cu
 def test_storefed_simulate_refuses_before_starting_anything(tmp_path):
     path = write_jsonl(tmp_path / "reviews.json.gz", amazon_records(num_users=30, num_items=6), compress=True)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "storefed.py"), "simulate", "data=amazon", f"data.path={path}", "data.num_merchants=3",
+        [sys.executable, "-m", "storefed", "simulate", "data=amazon", f"data.path={path}", "data.num_merchants=3",
          "federation.num_stores=3", "federation.stores_per_round=2", "privacy.delta=0.5", f"run_dir={tmp_path / 'run'}"],
         capture_output=True, text=True, cwd=ROOT, timeout=120, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )

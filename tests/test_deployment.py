@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from client.merchant_files import write_catalog, write_merchant_dir
+from storefed.data.merchant_files import write_catalog, write_merchant_dir
 from conftest import ROOT, SMALL_WORLD
-from privacy.accounting import epsilon_of
-from server.deployment import flower_env
-from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+from storefed.privacy.accounting import epsilon_of
+from storefed.flower_env import flower_env
+from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 MERCHANTS = ("shop-a", "shop-b", "shop-c")
 BIN = Path(sys.executable).parent
@@ -75,7 +75,7 @@ class Proc:
 
 
 def _storefed(*args: str) -> list[str]:
-    return [sys.executable, str(ROOT / "storefed.py"), *args]
+    return [sys.executable, "-m", "storefed", *args]
 
 
 @pytest.fixture
@@ -179,8 +179,8 @@ def test_merchant_with_bad_data_fails_before_connecting(tmp_path):
 
 
 def test_insecure_merchant_warns_on_every_start_and_secure_needs_key(world, monkeypatch, capsys):
-    from client import merchant_agent
-    from client.merchant_agent import INSECURE_WARNING, MerchantOptions, run_merchant, supernode_command
+    from storefed.client import merchant_agent
+    from storefed.client.merchant_agent import INSECURE_WARNING, MerchantOptions, run_merchant, supernode_command
 
     tmp, certs, _, _ = world
     launched = []

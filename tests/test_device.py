@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.device import choose_device
-from client.local_training import DPParams, LocalTrainingConfig, train_local
-from models.task import build_task
-from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+from storefed.client.device import choose_device
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+from conftest import task_from_dict
+from storefed.models.task import build_task
+from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
 GEN = StoreGeneratorConfig(num_items=300, mean_customers=120, review_probability=0.5)
@@ -30,7 +31,7 @@ def test_auto_picks_what_is_there_and_bad_requests_are_refused():
                                        "intermediate_size": 64, "max_length": 32, "vocab_size": 1024}])
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
 def test_dp_training_runs_on_the_gpu(task_cfg, mode):
-    task = build_task(task_cfg, generate_catalog(GEN))
+    task = task_from_dict(task_cfg, generate_catalog(GEN))
     dataset = task.train_dataset(generate_store(GEN, 0))
     model = task.build_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations.evaluation.command import run_evaluate_command
-from simulations.evaluation.methods import pooled
-from simulations.evaluation.report import summarize, targets
+from storefed.cli import main
+from storefed.simulations.evaluation.methods import pooled
+from storefed.simulations.evaluation.report import summarize, targets
 
 NUM_CUSTOMERS = 24
 POSITIVE = ["great", "love", "excellent", "perfect", "awesome"]
@@ -70,7 +70,7 @@ def movielens_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def recommender_run(amazon_file, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("rec") / "run"
-    code = run_evaluate_command([
+    code = main(["evaluate", 
         "task=recommender", "data=amazon", f"data.path={amazon_file}", "evaluate.num_merchants=[3]",
         "evaluate.partitions=[iid,dirichlet]", "evaluate.seeds=[0,1]", *TINY_RECOMMENDER, f"run_dir={run_dir}",
     ])
@@ -178,7 +178,7 @@ def test_targets_are_checked_on_the_means():
 
 def test_movielens_udata_through_the_importer(movielens_file, tmp_path):
     run_dir = tmp_path / "ml"
-    code = run_evaluate_command([
+    code = main(["evaluate", 
         "data=movielens", f"data.path={movielens_file}", "evaluate.num_merchants=[2]", "evaluate.partitions=[iid]",
         "evaluate.seeds=[0]", "evaluate.methods=[popularity,local,federated_dp]", *TINY_RECOMMENDER, f"run_dir={run_dir}",
     ])
@@ -193,7 +193,7 @@ def test_movielens_udata_through_the_importer(movielens_file, tmp_path):
 
 def test_review_run_reports_accuracy_and_macro_f1_per_review(amazon_file, tmp_path):
     run_dir = tmp_path / "review"
-    code = run_evaluate_command([
+    code = main(["evaluate", 
         "task=review", f"data.path={amazon_file}", "evaluate.num_merchants=[2]", "evaluate.partitions=[iid]",
         "evaluate.seeds=[0]", "evaluate.methods=[majority,tfidf_logreg,centralized_dp,federated_dp]", *TINY_REVIEW,
         f"run_dir={run_dir}",
@@ -226,7 +226,7 @@ def test_review_run_reports_accuracy_and_macro_f1_per_review(amazon_file, tmp_pa
     ],
 )
 def test_bad_inputs_are_refused_with_one_clear_line(overrides, message, amazon_file, tmp_path, capsys):
-    code = run_evaluate_command([f"data.path={amazon_file}", f"run_dir={tmp_path / 'never'}", *overrides])
+    code = main(["evaluate", f"data.path={amazon_file}", f"run_dir={tmp_path / 'never'}", *overrides])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("storefed evaluate: ") and message in err and "\n" not in err
@@ -234,15 +234,15 @@ def test_bad_inputs_are_refused_with_one_clear_line(overrides, message, amazon_f
 
 
 def test_virtual_stores_and_unknown_keys_are_refused(tmp_path, capsys):
-    assert run_evaluate_command(["data=virtual", f"run_dir={tmp_path / 'x'}"]) == 2
+    assert main(["evaluate", "data=virtual", f"run_dir={tmp_path / 'x'}"]) == 2
     assert "needs real data, choose data=amazon or data=movielens" in capsys.readouterr().err
-    assert run_evaluate_command(["evaluate.bogus=1", f"run_dir={tmp_path / 'x'}"]) == 2
+    assert main(["evaluate", "evaluate.bogus=1", f"run_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("storefed evaluate: ") and "evaluate.bogus" in err and "\n" not in err
 
 
 def test_review_task_on_movielens_is_refused(movielens_file, tmp_path, capsys):
-    code = run_evaluate_command(["task=review", "data=movielens", f"data.path={movielens_file}", f"run_dir={tmp_path / 'x'}"])
+    code = main(["evaluate", "task=review", "data=movielens", f"data.path={movielens_file}", f"run_dir={tmp_path / 'x'}"])
     assert code == 2
     assert "MovieLens u.data has no review text: use task=recommender" in capsys.readouterr().err
 
@@ -250,5 +250,5 @@ def test_review_task_on_movielens_is_refused(movielens_file, tmp_path, capsys):
 def test_non_empty_run_dir_is_refused(amazon_file, tmp_path, capsys):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.json").write_text("{}")
-    code = run_evaluate_command([f"data.path={amazon_file}", "evaluate.num_merchants=[3]", f"run_dir={tmp_path / 'old'}"])
+    code = main(["evaluate", f"data.path={amazon_file}", "evaluate.num_merchants=[3]", f"run_dir={tmp_path / 'old'}"])
     assert code == 2 and "is not empty" in capsys.readouterr().err

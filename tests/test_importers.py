@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.dataset import Catalog, MerchantData
-from simulations.importers import (
+from storefed.data.schema import Catalog, MerchantData
+from storefed.data.importers import (
     RawTable,
     read_amazon_reviews,
     read_movielens,
     split_into_merchants,
     user_labels,
 )
-from simulations.partition import partition_users
+from storefed.data.partition import partition_users
 
 REAL_AMAZON = (
     Path(__file__).resolve().parents[2] / "shared/data/reviews_Musical_Instruments_5.json.gz"

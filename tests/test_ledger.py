@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from privacy.accounting import epsilon_of
-from privacy.ledger import LedgerError, open_ledger
+from storefed.privacy.accounting import epsilon_of
+from storefed.privacy.ledger import LedgerError, open_ledger
 
 
 def _open(tmp_path, **kw):
@@ -73,7 +73,7 @@ def test_merchant_status_command_prints_the_ledger(tmp_path):
 
     ledger = _open(tmp_path)
     ledger.record_round("run", 1, 1.1, 0.5, 4)
-    done = subprocess.run([sys.executable, str(ROOT / "storefed.py"), "merchant", "status", f"ledger_dir={tmp_path}"],
+    done = subprocess.run([sys.executable, "-m", "storefed", "merchant", "status", f"ledger_dir={tmp_path}"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     spent = epsilon_of([(1.1, 0.5, 4)], 1e-5)

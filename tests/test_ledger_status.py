@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from privacy.accounting import epsilon_of
-from privacy.ledger import LedgerError, open_ledger
-from privacy.ledger_status import format_ledger_status, ledger_status
+from storefed.privacy.accounting import epsilon_of
+from storefed.privacy.ledger import LedgerError, open_ledger
+from storefed.privacy.ledger_status import format_ledger_status, ledger_status
 
 
 def _ledger(directory, merchant, task="recommender", unit="customer", accountant="rdp", budget=8.0, delta=1e-5):

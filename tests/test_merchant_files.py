@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.dataset import Catalog, Interactions, MerchantData, Reviews, empty_interactions
-from client.merchant_files import (
+from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews, empty_interactions
+from storefed.data.merchant_files import (
     SCHEMA_VERSION,
     MerchantDataError,
     load_catalog,

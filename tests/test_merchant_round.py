@@ -6,22 +6,22 @@ import pytest
 from flwr.app import ArrayRecord
 from opacus.accountants import RDPAccountant
 
-from client import client_app
-from client.data_source import coordinator_catalog, load_simulated
-from conftest import base_settings, node_context, train_message
-from models.task import build_task
-from privacy.dp_sgd import plan_sampling
-from server.screening import screen_train_replies
-from server.server_app import client_settings
+from storefed.client import client_app
+from storefed.config.schema import RecommenderConfig
+from storefed.data.sources import coordinator_catalog, load_simulated
+from conftest import base_settings, node_context, round_config, train_message, with_privacy
+from storefed.models.task import build_task
+from storefed.privacy.dp_sgd import plan_sampling
+from storefed.server.screening import screen_train_replies
+from storefed.wire import TRAIN_METRIC_KEYS
 
 
 @pytest.fixture
 def setup(tmp_path, flower_identity):
     settings = base_settings("recommender", noise_multiplier=1.3)
-    to_clients = client_settings(settings, tmp_path)
-    to_clients["local"]["epochs"] = 1
-    catalog = coordinator_catalog(to_clients["data"])
-    task = build_task(to_clients["task"], catalog)
+    to_clients = round_config(settings, tmp_path, epochs=1)
+    catalog = coordinator_catalog(to_clients.data, to_clients.seed)
+    task = build_task(to_clients.task, catalog, seed=to_clients.seed)
     model = task.build_model()
     state = model.state_dict()
     arrays = ArrayRecord({k: state[k] for k in task.shared_keys(model)})
@@ -39,7 +39,7 @@ def test_reply_carries_exactly_the_shared_tensors_and_numbers(setup):
     assert set(content.keys()) == {"arrays", "metrics", "privacy"}
     sent = content["arrays"]
     assert {k: tuple(v.shape) for k, v in sent.items()} == {k: tuple(v.shape) for k, v in arrays.items()}
-    assert set(content["metrics"].keys()) == set(client_app.TRAIN_METRIC_KEYS)
+    assert set(content["metrics"].keys()) == set(TRAIN_METRIC_KEYS)
     assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
     assert set(content["privacy"].keys()) == {"unit", "accountant", "guarantee"}
     assert content["privacy"]["unit"] == "customer"
@@ -49,8 +49,8 @@ def test_reply_carries_exactly_the_shared_tensors_and_numbers(setup):
 
 def test_reported_epsilon_matches_independent_accountant_across_rounds_and_restarts(setup):
     to_clients, task, arrays = setup
-    _, data = load_simulated(to_clients["data"], 0)
-    plan = plan_sampling(len(task.train_dataset(data)), to_clients["local"]["batch_size"], 1)
+    _, data = load_simulated(to_clients.data, to_clients.seed, 0)
+    plan = plan_sampling(len(task.train_dataset(data)), to_clients.task.batch_size, 1)
     independent = RDPAccountant()
     for server_round in (1, 2, 3):
         metrics = _train(to_clients, arrays, server_round).content["metrics"]
@@ -67,7 +67,7 @@ def test_reported_epsilon_matches_independent_accountant_across_rounds_and_resta
 def test_round_past_budget_is_refused_and_changes_nothing(setup, tmp_path):
     to_clients, task, arrays = setup
     first = _train(to_clients, arrays).content["metrics"]
-    to_clients["privacy"]["epsilon"] = first["epsilon_total"] * 1.2  # room for less than one more round
+    to_clients = with_privacy(to_clients, epsilon=first["epsilon_total"] * 1.2)  # room for less than one more round
     ledger_file = next((tmp_path / "ledgers").glob("*.ledger.json"))
     before = ledger_file.read_text(encoding="utf-8")
     reply = _train(to_clients, arrays, server_round=2)
@@ -82,7 +82,7 @@ def test_round_past_budget_is_refused_and_changes_nothing(setup, tmp_path):
 
 def test_delta_not_below_one_over_n_is_refused(setup):
     to_clients, task, arrays = setup
-    to_clients["privacy"]["delta"] = 0.5
+    to_clients = with_privacy(to_clients, delta=0.5)
     reply = _train(to_clients, arrays)
     assert reply.content["metrics"]["refused"] == 1
     assert "delta=0.5 is not below 1/n" in reply.content["privacy"]["refusal"]
@@ -90,7 +90,7 @@ def test_delta_not_below_one_over_n_is_refused(setup):
 
 def test_auto_noise_plans_the_budget_over_the_planned_rounds(setup):
     to_clients, task, arrays = setup
-    to_clients["privacy"].update(noise_multiplier="auto", planned_rounds=2, epsilon=4.0)
+    to_clients = with_privacy(to_clients, noise_multiplier=None, planned_rounds=2, epsilon=4.0)
     totals = [_train(to_clients, arrays, r).content["metrics"]["epsilon_total"] for r in (1, 2)]
     assert totals[0] < totals[1] <= 4.0
     assert totals[1] > 3.8  # the plan spends (almost) the whole budget over the 2 planned rounds
@@ -100,16 +100,15 @@ def test_auto_noise_plans_the_budget_over_the_planned_rounds(setup):
 
 def test_review_round_is_accounted_per_review(tmp_path, flower_identity):
     settings = base_settings("review", noise_multiplier=1.0)
-    to_clients = client_settings(settings, tmp_path)
-    to_clients["local"]["epochs"] = 1
-    task = build_task(to_clients["task"], coordinator_catalog(to_clients["data"]))
+    to_clients = round_config(settings, tmp_path, epochs=1)
+    task = build_task(to_clients.task, coordinator_catalog(to_clients.data, to_clients.seed), seed=to_clients.seed)
     model = task.build_model()
     arrays = ArrayRecord({k: v for k, v in model.state_dict().items()})
     reply = _train(to_clients, arrays)
     assert reply.content["privacy"]["unit"] == "review"
     assert set(reply.content["arrays"].keys()) == set(model.state_dict().keys())
-    _, data = load_simulated(to_clients["data"], 0)
-    plan = plan_sampling(len(task.train_dataset(data)), to_clients["local"]["batch_size"], 1)
+    _, data = load_simulated(to_clients.data, to_clients.seed, 0)
+    plan = plan_sampling(len(task.train_dataset(data)), to_clients.task.batch_size, 1)
     independent = RDPAccountant()
     for _ in range(plan.steps):
         independent.step(noise_multiplier=1.0, sample_rate=plan.sample_rate)
@@ -120,11 +119,11 @@ def test_dp_noise_and_sampling_are_not_reproducible_from_public_seeds():
     """Same seeded init, same data, same seed set before training: DP results must still differ."""
     import torch
 
-    from client.local_training import DPParams, LocalTrainingConfig, train_local
-    from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+    from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+    from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
     gen = StoreGeneratorConfig(num_items=100, mean_customers=30)
-    task = build_task({"name": "recommender", "embedding_dim": 8}, generate_catalog(gen))
+    task = build_task(RecommenderConfig(embedding_dim=8), generate_catalog(gen))
     dataset = task.train_dataset(generate_store(gen, 2))
     results = []
     for _ in range(2):
@@ -142,11 +141,11 @@ def test_empty_poisson_batches_still_take_a_noisy_step(mode):
     """With batch_size=1 many Poisson batches are empty; each is still a DP step (noise on a zero sum)."""
     import torch
 
-    from client.local_training import DPParams, LocalTrainingConfig, train_local
-    from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+    from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+    from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
     gen = StoreGeneratorConfig(num_items=100, mean_customers=30)
-    task = build_task({"name": "recommender", "embedding_dim": 8}, generate_catalog(gen))
+    task = build_task(RecommenderConfig(embedding_dim=8), generate_catalog(gen))
     dataset = task.train_dataset(generate_store(gen, 2))
     model = task.build_model()
     before = model.output.bias.detach().clone()

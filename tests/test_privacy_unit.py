@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.dataset import Interactions, MerchantData
-from models.recommender import PAD, customer_histories
-from models.task import build_task
-from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+from storefed.data.schema import Interactions, MerchantData
+from storefed.models.recommender import PAD, customer_histories
+from conftest import task_from_dict
+from storefed.models.task import build_task
+from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 LONG_HISTORY = 300
 
@@ -31,7 +32,7 @@ LONG_HISTORY = 300
 def world():
     cfg = StoreGeneratorConfig(num_items=100, mean_customers=30)
     catalog = generate_catalog(cfg)
-    task = build_task({"name": "recommender", "embedding_dim": 8}, catalog)
+    task = task_from_dict({"name": "recommender", "embedding_dim": 8}, catalog)
     data = _with_long_history_customer(generate_store(cfg, 0), catalog.num_items)
     return task, data
 

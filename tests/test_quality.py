@@ -6,18 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from client.data_source import coordinator_catalog, load_simulated
-from models.recommender import customer_histories, evaluate_scores, pad_history, popularity_scorer, split_leave_last_out
-from models.task import build_task
-from server.checkpoint import load_global_model
-from server.server_app import client_settings
-from simulations.runner import simulate
-from storefed import PROJECT_ROOT, compose
+from storefed.data.sources import coordinator_catalog, load_simulated
+from storefed.models.recommender import customer_histories, evaluate_scores, pad_history, popularity_scorer, split_leave_last_out
+from storefed.models.task import build_task
+from storefed.server.checkpoint import load_global_model
+from storefed.config import compose
+from storefed.simulations.runner import simulate
 
 
-def _run(tmp_path, overrides: list[str]) -> tuple[dict, dict]:
-    settings = compose(overrides + [f"run_dir={tmp_path / 'run'}"])
-    summary = simulate(settings, PROJECT_ROOT)
+def _run(tmp_path, overrides: list[str]) -> tuple[object, dict]:
+    settings = compose("simulate", overrides + [f"run_dir={tmp_path / 'run'}"])
+    summary = simulate(settings)
     return settings, summary
 
 
@@ -29,16 +28,15 @@ def test_federated_dp_recommender_beats_popularity_on_full_ranking(tmp_path):
          "federation.eval_stores_per_round=10", "federation.rounds=5", "privacy.epsilon=8"],
     )
     assert summary["privacy"]["unit"] == "customer" and 0 < summary["privacy"]["epsilon_max"] <= 8.0
-    to_clients = client_settings(settings, tmp_path / "run")
-    catalog = coordinator_catalog(to_clients["data"])
-    task = build_task(to_clients["task"], catalog)
+    catalog = coordinator_catalog(settings.data, settings.seed)
+    task = build_task(settings.task, catalog, seed=settings.seed)
     model = task.build_model()
     weights, _ = load_global_model(tmp_path / "run")
     model.load_state_dict(weights)
     model.eval()
     train, test = [], []
     for store in range(stores):
-        tr, te = split_leave_last_out(customer_histories(load_simulated(to_clients["data"], store)[1]))
+        tr, te = split_leave_last_out(customer_histories(load_simulated(settings.data, settings.seed, store)[1]))
         train += tr
         test += te
 

@@ -26,10 +26,11 @@ pytest.importorskip("peft")
 pytest.importorskip("opacus")
 pytest.importorskip("transformers")
 
-from client.local_training import DPParams, LocalTrainingConfig, train_local  # noqa: E402
-from models.review import ReviewTask, review_labels  # noqa: E402
-from privacy.dp_sgd import unwrap  # noqa: E402
-from simulations.virtual_stores import (  # noqa: E402
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local  # noqa: E402
+from storefed.config.schema import ReviewConfig
+from storefed.models.review import ReviewTask, review_labels  # noqa: E402
+from storefed.privacy.dp_sgd import unwrap  # noqa: E402
+from storefed.data.virtual_stores import (  # noqa: E402
     NEGATIVE_WORDS,
     NEUTRAL_WORDS,
     POSITIVE_WORDS,
@@ -127,9 +128,8 @@ def make_task(checkpoint) -> ReviewTask:
         "lora_r": 8,
         "lora_alpha": 16,
         "lora_targets": ["query", "value"],
-        "seed": 0,
     }
-    return ReviewTask(cfg, generate_catalog(WORLD))
+    return ReviewTask(ReviewConfig(**cfg), generate_catalog(WORLD))
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -247,7 +247,7 @@ def test_mean_pooling_loads_the_checkpoints_encoder_and_learns_under_dp(checkpoi
     """``task.pooling=mean`` (the default): the checkpoint's encoder, frozen, mean-pooled into a new head."""
     from transformers import BertModel
 
-    task = ReviewTask(dict(make_task(checkpoint).cfg, pooling="mean"), generate_catalog(WORLD))
+    task = ReviewTask(dataclasses.replace(make_task(checkpoint).cfg, pooling="mean"), generate_catalog(WORLD))
     model = task.build_model()
     reference = BertModel.from_pretrained(checkpoint, add_pooling_layer=False).state_dict()
     encoder = {k.split("bert.", 1)[1].replace("base_layer.", ""): v for k, v in model.state_dict().items()
@@ -264,11 +264,10 @@ def test_mean_pooling_loads_the_checkpoints_encoder_and_learns_under_dp(checkpoi
 
 def test_fixed_class_weights_shift_predictions_towards_the_weighted_class(store):
     """A public per-class loss weight (``task.class_weights``) changes what the model predicts."""
-    cfg = {"name": "review", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
-           "max_length": 16, "vocab_size": 512, "seed": 0}
+    cfg = ReviewConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=16, vocab_size=512)
     negatives = {}
     for weights in (None, [20.0, 1.0]):
-        task = ReviewTask(dict(cfg, class_weights=weights), generate_catalog(WORLD))
+        task = ReviewTask(dataclasses.replace(cfg, class_weights=weights), generate_catalog(WORLD))
         model = task.build_model()
         torch.manual_seed(0)
         train_local(task, model, task.train_dataset(store), LocalTrainingConfig(epochs=2, batch_size=256, lr=0.01),
@@ -279,4 +278,4 @@ def test_fixed_class_weights_shift_predictions_towards_the_weighted_class(store)
         negatives[str(weights)] = float((logits.argmax(-1) == 0).float().mean())
     assert negatives["[20.0, 1.0]"] > negatives["None"] + 0.2, negatives
     with pytest.raises(ValueError, match=r"task.class_weights=\[1.0\] needs 2 positive numbers"):
-        ReviewTask(dict(cfg, class_weights=[1.0]), generate_catalog(WORLD))
+        ReviewTask(dataclasses.replace(cfg, class_weights=[1.0]), generate_catalog(WORLD))

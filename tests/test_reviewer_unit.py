@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.dataset import MerchantData, Reviews
-from client.local_training import DPParams, LocalTrainingConfig, train_local
-from models.task import build_task
-from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+from storefed.data.schema import MerchantData, Reviews
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+from conftest import task_from_dict
+from storefed.models.task import build_task
+from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 GEN = StoreGeneratorConfig(num_items=100, mean_customers=40, review_probability=0.6)
 TASK = {"name": "review", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
@@ -28,7 +29,7 @@ TASK = {"name": "review", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "i
 @pytest.fixture(scope="module")
 def store():
     catalog = generate_catalog(GEN)
-    return build_task(TASK, catalog), build_task(dict(TASK, privacy_unit=None), catalog), generate_store(GEN, 2)
+    return task_from_dict(TASK, catalog), task_from_dict(dict(TASK, privacy_unit=None), catalog), generate_store(GEN, 2)
 
 
 def _inputs(task, ids, mask):
@@ -115,8 +116,8 @@ def test_dp_training_at_reviewer_level_takes_its_planned_steps(store, mode):
 def test_reviewer_unit_is_refused_where_it_is_not_implemented():
     catalog = generate_catalog(GEN)
     with pytest.raises(ValueError, match="privacy.unit=user is implemented for the mean-pooled review model only"):
-        build_task(dict(TASK, pretrained_dir="/nonexistent"), catalog)
+        task_from_dict(dict(TASK, pretrained_dir="/nonexistent"), catalog)
     with pytest.raises(ValueError, match="privacy.unit='household' is not available for the review model"):
-        build_task(dict(TASK, privacy_unit="household"), catalog)
+        task_from_dict(dict(TASK, privacy_unit="household"), catalog)
     with pytest.raises(ValueError, match="privacy.unit='review' is not available for the recommender"):
-        build_task({"name": "recommender", "privacy_unit": "review"}, catalog)
+        task_from_dict({"name": "recommender", "privacy_unit": "review"}, catalog)

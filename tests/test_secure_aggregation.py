@@ -25,11 +25,12 @@ from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
 
-from client import client_app
-from conftest import ROOT, SMALL_WORLD, base_settings, node_context, train_message
-from server.checkpoint import load_global_model
-from server.secure_aggregation import run_secure_federation, secagg_options
-from server.server_app import RunFailed, client_settings
+from storefed.client import client_app
+from conftest import SMALL_WORLD, base_settings, node_context, round_config, train_message
+from storefed.server.checkpoint import load_global_model
+from storefed.server.secure_aggregation import run_secure_federation, secagg_options
+from storefed.config.schema import FederationConfig, PrivacyConfig
+from storefed.server.run_setup import RunFailed
 
 flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")  # the package shadows it
 NODE_BASE = 1000  # node id of partition p is NODE_BASE + p
@@ -107,26 +108,25 @@ def updates(monkeypatch):
     return seen
 
 
-def _settings(tmp_path, stores: int, rounds: int = 1, **privacy) -> dict:
-    settings = base_settings("recommender", noise_multiplier=1.0, secure_aggregation=True, **privacy)
-    settings["federation"].update(num_stores=stores, stores_per_round=stores, eval_stores_per_round=2, rounds=rounds)
-    settings["task"]["epochs"] = 1
-    settings["run_dir"] = str(tmp_path / "run")
-    return settings
+def _settings(tmp_path, stores: int, rounds: int = 1, **privacy):
+    return base_settings(
+        "recommender", f"federation.num_stores={stores}", f"federation.stores_per_round={stores}",
+        "federation.eval_stores_per_round=2", f"federation.rounds={rounds}", "task.epochs=1",
+        f"run_dir={tmp_path / 'run'}", noise_multiplier=1.0, secure_aggregation=True, **privacy,
+    )
 
 
 def _run(settings, grid) -> dict:
-    run_dir = Path(settings["run_dir"])
+    run_dir = Path(settings.run_dir)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     return run_secure_federation(grid, context, settings, run_dir)
 
 
 def _initial(settings) -> dict[str, np.ndarray]:
-    from client.data_source import coordinator_catalog
-    from models.task import build_task
+    from storefed.data.sources import coordinator_catalog
+    from storefed.models.task import build_task
 
-    to_clients = client_settings(settings, Path(settings["run_dir"]))
-    task = build_task(to_clients["task"], coordinator_catalog(to_clients["data"]))
+    task = build_task(settings.task, coordinator_catalog(settings.data, settings.seed), seed=settings.seed)
     model = task.build_model()
     return {k: v.numpy() for k, v in model.state_dict().items() if k in task.shared_keys(model)}
 
@@ -139,7 +139,7 @@ def _weighted_mean(initial: dict[str, np.ndarray], updates: dict, nodes: list[in
 
 def _max_error(settings, updates, nodes) -> float:
     """Bound on SecAgg+'s error: one quantization step per merchant, in weight/max_weight units."""
-    opts = secagg_options(settings["privacy"], settings["federation"])
+    opts = secagg_options(settings.privacy, settings.federation)
     step = 2 * opts.clipping_range / opts.quantization_range
     return 2 * len(nodes) * step * opts.max_weight / sum(updates[n][0] for n in nodes)
 
@@ -235,9 +235,8 @@ def test_round_with_one_trained_merchant_is_not_unmasked(tmp_path, flower_identi
 def test_plain_messages_pass_the_router_unchanged(tmp_path, flower_identity):
     """One ClientApp for both modes: a Message-API train message reaches the normal handler."""
     settings = base_settings("recommender", noise_multiplier=1.0)
-    to_clients = client_settings(settings, tmp_path)
-    to_clients["local"]["epochs"] = 1
-    initial = _initial(dict(settings, run_dir=str(tmp_path)))
+    to_clients = round_config(settings, tmp_path, epochs=1)
+    initial = _initial(settings)
     reply = client_app.app(train_message(to_clients, ArrayRecord({k: torch.from_numpy(v) for k, v in initial.items()})),
                            node_context({"partition-id": 0}))
     assert set(reply.content.keys()) == {"arrays", "metrics", "privacy"}
@@ -255,17 +254,17 @@ def test_plain_messages_pass_the_router_unchanged(tmp_path, flower_identity):
 )
 def test_unusable_combinations_are_refused(privacy, federation, message):
     with pytest.raises(ValueError, match=message):
-        secagg_options(privacy, federation)
+        secagg_options(PrivacyConfig(secure_aggregation=True, **privacy), FederationConfig(num_stores=2000, **federation))
 
 
 def test_storefed_simulate_with_secure_aggregation_end_to_end(tmp_path):
     run_dir = tmp_path / "run"
     args = [
-        "simulate", "++privacy.secure_aggregation=true", "federation.num_stores=3", "federation.stores_per_round=3",
+        "simulate", "privacy.secure_aggregation=true", "federation.num_stores=3", "federation.stores_per_round=3",
         "federation.eval_stores_per_round=2", "federation.rounds=1", "task.epochs=1", f"run_dir={run_dir}",
     ] + [f"data.generator.{k}={v}" for k, v in SMALL_WORLD.items()]
-    done = subprocess.run([sys.executable, str(ROOT / "storefed.py"), *args], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    done = subprocess.run([sys.executable, "-m", "storefed", *args], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds_completed"] == 1 and len(summary["privacy"]["epsilon_by_node"]) == 3

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMALL_WORLD
-from privacy.accounting import epsilon_of
+from storefed.privacy.accounting import epsilon_of
 
 SMALL = [
     "federation.num_stores=6",
@@ -25,7 +25,7 @@ SMALL = [
 def _storefed(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run(
-        [sys.executable, str(ROOT / "storefed.py"), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        [sys.executable, "-m", "storefed", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
     )
 
 
@@ -40,7 +40,7 @@ def test_small_simulation_runs_end_to_end_and_writes_its_run_dir(tmp_path):
     assert all(0.0 <= r["eval_hr@10"] <= 1.0 and "eval_sampled100_hr@10" in r for r in rows)
     assert (run_dir / "metrics.csv").read_text().startswith("round,")
     assert "federation:" in (run_dir / "config.yaml").read_text()
-    from server.checkpoint import load_global_model
+    from storefed.server.checkpoint import load_global_model
 
     weights, config = load_global_model(run_dir)
     assert config["task"]["name"] == "recommender" and config["num_items"] == SMALL_WORLD["num_items"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import json
 
@@ -10,17 +12,18 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from client.data_source import coordinator_catalog, load_simulated
-from client.local_training import LocalTrainingConfig, train_local
-from models.task import build_task
-from server.strategy import aggregate_train_metrics, build_strategy
+from storefed.config.schema import FedAdamConfig, FedAvgConfig, FederationConfig, FedProxConfig, ImportedDataConfig
+from storefed.data.sources import coordinator_catalog, load_simulated
+from storefed.client.local_training import LocalTrainingConfig, train_local
+from conftest import task_from_dict
+from storefed.models.task import build_task
+from storefed.server.strategy import aggregate_train_metrics, build_strategy
 
-FEDERATION = {"num_stores": 10, "stores_per_round": 4, "eval_stores_per_round": 5}
+FEDERATION = FederationConfig(num_stores=10, stores_per_round=4, eval_stores_per_round=5)
 
 
 @pytest.mark.parametrize(
-    "cfg, cls", [({"name": "fedavg"}, FedAvg), ({"name": "fedadam", "eta": 0.01}, FedAdam),
-                 ({"name": "fedprox", "proximal_mu": 0.1}, FedProx)]
+    "cfg, cls", [(FedAvgConfig(), FedAvg), (FedAdamConfig(eta=0.01), FedAdam), (FedProxConfig(proximal_mu=0.1), FedProx)]
 )
 def test_strategies_are_flowers_own_with_configured_sampling(cfg, cls):
     strategy = build_strategy(cfg, FEDERATION, {}, lambda *_: None).inner
@@ -31,7 +34,7 @@ def test_strategies_are_flowers_own_with_configured_sampling(cfg, cls):
 
 def test_bad_sampling_is_refused():
     with pytest.raises(ValueError, match="stores_per_round=11"):
-        build_strategy({"name": "fedavg"}, dict(FEDERATION, stores_per_round=11), {}, lambda *_: None)
+        build_strategy(FedAvgConfig(), dataclasses.replace(FEDERATION, stores_per_round=11), {}, lambda *_: None)
 
 
 def test_train_metrics_sum_counts_and_report_the_weakest_epsilon():
@@ -46,10 +49,10 @@ def test_train_metrics_sum_counts_and_report_the_weakest_epsilon():
 
 
 def test_fedprox_proximal_step_keeps_weights_closer_to_the_global_model():
-    from simulations.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+    from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
     gen = StoreGeneratorConfig(num_items=100, mean_customers=40)
-    task = build_task({"name": "recommender", "embedding_dim": 8}, generate_catalog(gen))
+    task = task_from_dict({"name": "recommender", "embedding_dim": 8}, generate_catalog(gen))
     dataset = task.train_dataset(generate_store(gen, 1))
     distances = []
     for mu in (0.0, 5.0):
@@ -71,27 +74,27 @@ def test_amazon_file_feeds_the_simulation_data_source(tmp_path):
     ]
     with gzip.open(path, "wt", encoding="utf-8") as handle:
         handle.write("\n".join(json.dumps(r) for r in rows))
-    data_cfg = {"source": "amazon", "path": str(path), "num_merchants": 3, "partition": "iid", "seed": 0}
-    catalog = coordinator_catalog(data_cfg)
+    data_cfg = ImportedDataConfig(source="amazon", path=str(path), num_merchants=3, partition="iid")
+    catalog = coordinator_catalog(data_cfg, 0)
     assert catalog.num_items == 7
-    merchants = [load_simulated(data_cfg, p)[1] for p in range(3)]
+    merchants = [load_simulated(data_cfg, 0, p)[1] for p in range(3)]
     assert sum(m.num_users for m in merchants) == 12
     assert sum(len(m.interactions) for m in merchants) == len(rows)
     with pytest.raises(ValueError, match="partition-id 3 is out of range: data has 3 merchants"):
-        load_simulated(data_cfg, 3)
+        load_simulated(data_cfg, 0, 3)
 
 
 def test_storefed_import_writes_loadable_merchant_directories(tmp_path):
     import subprocess
     import sys
 
-    from client.merchant_files import load_catalog, load_merchant_dir
-    from conftest import ROOT
+    from storefed.data.merchant_files import load_catalog, load_merchant_dir
+    from conftest import ROOT, task_from_dict
 
     source = tmp_path / "u.data"
     source.write_text("".join(f"{u}\t{(u * 3 + k) % 11 + 1}\t{1 + k % 5}\t{880000000 + k}\n" for u in range(1, 9) for k in range(5)))
     out = tmp_path / "merchants"
-    cmd = [sys.executable, str(ROOT / "storefed.py"), "import", "data=movielens", f"data.path={source}",
+    cmd = [sys.executable, "-m", "storefed", "import", "data=movielens", f"data.path={source}",
            "data.num_merchants=2", f"out_dir={out}"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr

@@ -10,6 +10,7 @@ split; results go to ``<run_dir>/results.{json,csv,md}`` (rewritten after each c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -21,17 +22,18 @@ from pathlib import Path
 import torch
 import yaml
 
-from client.data_source import load_simulated
-from client.device import choose_device
-from client.local_training import LocalTrainingConfig
-from models.task import build_task
-from privacy.atomic_files import atomic_write_text
-from server.server_app import client_settings
-from simulations.evaluation import methods
-from simulations.evaluation.federated import global_model, run_federated
-from simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings
-from simulations.evaluation.plot import privacy_utility_plot
-from simulations.evaluation.report import summarize, write_results
+from storefed.data.sources import load_simulated
+from storefed.client.device import choose_device
+from storefed.client.local_training import local_training_config
+from storefed.models.task import build_task
+from storefed.privacy.atomic_files import atomic_write_text
+from storefed.config.schema import EvaluateConfig
+from storefed.config.serialize import to_dict
+from storefed.simulations.evaluation import methods
+from storefed.simulations.evaluation.federated import global_model, run_federated
+from storefed.simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings
+from storefed.simulations.evaluation.plot import privacy_utility_plot
+from storefed.simulations.evaluation.report import summarize, write_results
 
 FEDERATED_PATH = (
     "in-process federation: client.client_app.train per merchant (train_local, ledger, auto noise planning) "
@@ -40,18 +42,13 @@ FEDERATED_PATH = (
 LOCAL_BASELINE_PREFIX = {"recommender": "local_pop_", "review": "local_majority_"}
 
 
-def run_evaluate_command(overrides: list[str]) -> int:
-    """Entry point of `storefed evaluate`; returns the exit status."""
-    from hydra.errors import HydraException
-
-    from storefed import PROJECT_ROOT, compose
-
+def run_evaluate_command(settings: EvaluateConfig, overrides: list[str]) -> int:
+    """Entry point of `storefed evaluate` (``settings`` composed by the CLI); returns the exit status."""
     try:
-        settings = compose(overrides, config_name="evaluate")
         spec = build_spec(settings)
         check_data(settings, spec)
-        run_dir = resolve_run_dir(settings, spec, PROJECT_ROOT)
-    except (ValueError, HydraException) as exc:
+        run_dir = resolve_run_dir(settings, spec)
+    except ValueError as exc:
         print("storefed evaluate: " + " ".join(str(exc).split()), file=sys.stderr)  # one line
         return 2
     started = time.time()
@@ -61,36 +58,36 @@ def run_evaluate_command(overrides: list[str]) -> int:
     return 0
 
 
-def check_data(settings: dict, spec: EvalSpec) -> None:
+def check_data(settings: EvaluateConfig, spec: EvalSpec) -> None:
     """Refuse a grid the data cannot support (more merchants than customers, unreadable file)."""
-    from simulations.importers import read_amazon_reviews, read_movielens
+    from storefed.data.importers import read_amazon_reviews, read_movielens
 
-    data = settings["data"]
-    reader = read_amazon_reviews if data["source"] == "amazon" else read_movielens
-    _, table = reader(data["path"])
+    data = settings.data
+    reader = read_amazon_reviews if data.source == "amazon" else read_movielens
+    _, table = reader(data.path)
     k = max(c.num_merchants for c in spec.cells)
     if k > table.num_users:
         raise ValueError(
-            f"evaluate.num_merchants has K={k} but {data['path']} has only {table.num_users} customers: "
+            f"evaluate.num_merchants has K={k} but {data.path} has only {table.num_users} customers: "
             f"use K <= {table.num_users} (every merchant needs at least one customer)"
         )
     if spec.task == "review" and not any(t.strip() for t in table.text):
-        raise ValueError(f"{data['path']} has no review text: use task=recommender")
+        raise ValueError(f"{data.path} has no review text: use task=recommender")
 
 
-def resolve_run_dir(settings: dict, spec: EvalSpec, project_root: Path) -> Path:
-    if settings.get("run_dir"):
-        run_dir = Path(settings["run_dir"]).resolve()
+def resolve_run_dir(settings: EvaluateConfig, spec: EvalSpec) -> Path:
+    if settings.run_dir:
+        run_dir = Path(settings.run_dir).resolve()
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ValueError(
                 f"run_dir={run_dir} is not empty (it may hold privacy ledgers of an earlier evaluation): "
                 "choose a new run_dir"
             )
         return run_dir
-    return (project_root / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-evaluate-{spec.task}").resolve()
+    return (Path.cwd() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-evaluate-{spec.task}").resolve()
 
 
-def evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] | None = None) -> dict[str, Path]:
+def evaluate(settings: EvaluateConfig, spec: EvalSpec, run_dir: Path, command: list[str] | None = None) -> dict[str, Path]:
     """Run the whole grid; returns the written files (results json/csv/md, plot png).
 
     Uses ``evaluate.threads`` torch threads while it runs and restores the caller's setting.
@@ -106,24 +103,24 @@ def evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] |
         torch.set_num_threads(threads)
 
 
-def _evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] | None) -> dict[str, Path]:
+def _evaluate(settings: EvaluateConfig, spec: EvalSpec, run_dir: Path, command: list[str] | None) -> dict[str, Path]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=False))
-    privacy = settings["privacy"]
-    probe = client_settings(cell_settings(settings, spec.cells[0], spec), run_dir)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(settings), sort_keys=False))
+    privacy = settings.privacy
+    local = local_training_config(settings.task)
     meta = {
         "task": spec.task,
-        "data": f"{settings['data']['source']}:{Path(settings['data']['path']).name}",
+        "data": f"{settings.data.source}:{Path(settings.data.path).name}",
         "unit": "customer" if spec.task == "recommender" else "review",
-        "delta": float(privacy.get("delta") or 0.0),
-        "accountant": str(privacy.get("accountant")),
-        "max_grad_norm": privacy.get("max_grad_norm"),
+        "delta": float(privacy.delta or 0.0),
+        "accountant": privacy.accountant,
+        "max_grad_norm": privacy.max_grad_norm,
         "rounds": spec.rounds,
         "participation": "all merchants every round" if spec.stores_per_round is None
         else f"{spec.stores_per_round} merchants per round",
-        "local_epochs": int(probe["local"]["epochs"]),
-        "local": probe["local"],
-        "strategy": settings["strategy"],
+        "local_epochs": local.epochs,
+        "local": dataclasses.asdict(local),
+        "strategy": dataclasses.asdict(settings.strategy),
         "federated_path": FEDERATED_PATH,
         "command": " ".join(command or []),
         "machine": machine_description(spec.threads),
@@ -143,33 +140,32 @@ def _evaluate(settings: dict, spec: EvalSpec, run_dir: Path, command: list[str] 
     return paths
 
 
-def evaluate_cell(settings: dict, spec: EvalSpec, cell: Cell, cell_dir: Path) -> list[dict]:
+def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir: Path) -> list[dict]:
     """Every method of one cell, on one partition and one held-out split."""
     base = cell_settings(settings, cell, spec)
-    base["privacy"]["ledger_dir"] = None
-    to_clients = client_settings(base, cell_dir)
-    catalog, first = load_simulated(to_clients["data"], 0)
-    merchants = [first] + [load_simulated(to_clients["data"], k)[1] for k in range(1, cell.num_merchants)]
-    task = build_task(to_clients["task"], catalog)
-    local_cfg = LocalTrainingConfig(**to_clients["local"])
-    device = choose_device(str(settings.get("device", "auto")))  # as merchants choose theirs
-    privacy = base["privacy"]
+    base = dataclasses.replace(base, privacy=dataclasses.replace(base.privacy, ledger_dir=None))
+    catalog, first = load_simulated(base.data, base.seed, 0)
+    merchants = [first] + [load_simulated(base.data, base.seed, k)[1] for k in range(1, cell.num_merchants)]
+    task = build_task(base.task, catalog, seed=base.seed, privacy_unit=base.privacy.unit)
+    local_cfg = local_training_config(base.task)
+    device = choose_device(settings.device)  # as merchants choose theirs
+    privacy = base.privacy
     rows: list[dict] = []
 
     def add(method: str, metrics: dict, seconds: float, epsilon: float | None = None, info: dict | None = None) -> None:
         info = info or {}
         rows.append({
             "task": spec.task,
-            "data": settings["data"]["source"],
+            "data": settings.data.source,
             "num_merchants": cell.num_merchants,
             "partition": cell.partition,
             "seed": cell.seed,
             "method": method,
             "epsilon": epsilon,
             "epsilon_spent": info.pop("epsilon_spent", None),
-            "delta": float(privacy["delta"]) if epsilon is not None else None,
+            "delta": float(privacy.delta) if epsilon is not None else None,
             "unit": task.privacy_unit,
-            "accountant": str(privacy["accountant"]) if epsilon is not None else None,
+            "accountant": privacy.accountant if epsilon is not None else None,
             "private": epsilon is not None,
             "seconds": round(seconds, 2),
             "metrics": metrics,
@@ -179,7 +175,7 @@ def evaluate_cell(settings: dict, spec: EvalSpec, cell: Cell, cell_dir: Path) ->
     def model_metrics(metrics: dict) -> dict:
         return methods.strip_local_baselines(metrics, LOCAL_BASELINE_PREFIX[spec.task])[0]
 
-    dp = {key: privacy[key] for key in ("delta", "max_grad_norm", "grad_sample_mode", "accountant")}
+    dp = {key: getattr(privacy, key) for key in ("delta", "max_grad_norm", "grad_sample_mode", "accountant")}
     for method in spec.methods:
         epsilons = spec.epsilons if method in DP_METHODS else (None,)
         for epsilon in epsilons:
@@ -198,7 +194,8 @@ def evaluate_cell(settings: dict, spec: EvalSpec, cell: Cell, cell_dir: Path) ->
             elif method == "local":
                 add(method, model_metrics(methods.local_only(task, merchants, local_cfg, spec.rounds, device)), time.time() - t0)
             else:  # federated, federated_dp
-                fed = dict(base, privacy=dict(privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf")))
+                fed = dataclasses.replace(base, privacy=dataclasses.replace(
+                    privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf")))
                 name = method if epsilon is None else f"{method}-eps{epsilon:g}"
                 result = run_federated(fed, cell_dir / name)
                 fed_task, model = global_model(fed, cell_dir / name, result.state)

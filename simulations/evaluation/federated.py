@@ -15,7 +15,6 @@ that merchant actually took part in; the reported epsilon is the maximum over me
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,11 +23,13 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client import client_app
-from client.data_source import coordinator_catalog
-from models.task import build_task
-from server.server_app import client_settings, prepare_run
-from server.strategy import build_strategy
+from storefed.client import client_app
+from storefed.config.schema import RunConfig
+from storefed.data.sources import coordinator_catalog
+from storefed.models.task import build_task
+from storefed.server.run_setup import prepare_run
+from storefed.server.strategy import build_strategy
+from storefed.wire import PROXIMAL_MU, SERVER_ROUND
 
 
 @dataclass
@@ -60,7 +61,7 @@ def flower_identity() -> Iterator[None]:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved  # noqa: SLF001
 
 
-def run_federated(settings: dict, run_dir: Path) -> FederatedResult:
+def run_federated(settings: RunConfig, run_dir: Path) -> FederatedResult:
     """Run ``settings['federation']['rounds']`` rounds; ``settings['privacy']`` decides DP.
 
     ``settings`` is a `storefed simulate` configuration (see ``grid.cell_settings``).
@@ -69,9 +70,9 @@ def run_federated(settings: dict, run_dir: Path) -> FederatedResult:
     setup = prepare_run(settings, run_dir)
     to_clients = setup.to_clients
     arrays, expected = ArrayRecord(setup.shared), setup.expected
-    federation = settings["federation"]
-    num_stores, per_round = int(federation["num_stores"]), int(federation["stores_per_round"])
-    result = FederatedResult(state={}, planned_rounds=int(to_clients["privacy"]["planned_rounds"] or 0))
+    federation = settings.federation
+    num_stores, per_round = federation.num_stores, federation.stores_per_round
+    result = FederatedResult(state={}, planned_rounds=int(to_clients.privacy.planned_rounds or 0))
 
     def on_screened(server_round: int, screening) -> None:
         result.trained += len(screening.accepted)
@@ -80,19 +81,19 @@ def run_federated(settings: dict, run_dir: Path) -> FederatedResult:
         if problems and not screening.accepted:
             raise RuntimeError(f"round {server_round}: no usable update: {next(iter(problems.values()))}")
 
-    strategy = build_strategy(settings["strategy"], federation, expected, on_screened)
-    payload = json.dumps(to_clients)
-    mu = float(settings["strategy"].get("proximal_mu", 0.0)) if settings["strategy"].get("name") == "fedprox" else 0.0
-    rng = np.random.default_rng(int(settings["seed"]))
+    strategy = build_strategy(settings.strategy, federation, expected, on_screened)
+    payload = to_clients.to_record()
+    mu = float(getattr(settings.strategy, "proximal_mu", 0.0))
+    rng = np.random.default_rng(settings.seed)
     with flower_identity():
-        for server_round in range(1, int(federation["rounds"]) + 1):
+        for server_round in range(1, federation.rounds + 1):
             sampled = np.arange(num_stores) if per_round >= num_stores else np.sort(
                 rng.choice(num_stores, per_round, replace=False)
             )
             replies = []
             for partition in sampled:
                 node = int(partition) + 1
-                config = ConfigRecord({"storefed": payload, "server-round": server_round, "proximal-mu": mu})
+                config = ConfigRecord(payload | {SERVER_ROUND: server_round, PROXIMAL_MU: mu})
                 msg = Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="train")
                 context = Context(run_id=1, node_id=node, node_config={"partition-id": int(partition)}, state=RecordDict(), run_config={})
                 reply = client_app.train(msg, context)
@@ -108,10 +109,10 @@ def run_federated(settings: dict, run_dir: Path) -> FederatedResult:
     return result
 
 
-def global_model(settings: dict, run_dir: Path, state: dict):
+def global_model(settings: RunConfig, run_dir: Path, state: dict):
     """A fresh model of the task with the federated shared tensors loaded (as merchants load them)."""
-    to_clients = client_settings(settings, run_dir)
-    task = build_task(to_clients["task"], coordinator_catalog(to_clients["data"]))
+    task = build_task(settings.task, coordinator_catalog(settings.data, settings.seed), seed=settings.seed,
+                      privacy_unit=settings.privacy.unit)
     model = task.build_model()
     model.load_state_dict(state, strict=False)
     return task, model

@@ -8,11 +8,13 @@ Every problem with the configuration is a ``ValueError`` naming the key and what
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulations.partition import SCHEMES
+from storefed.config.schema import EvaluateConfig
+from storefed.data.partition import SCHEMES
 
 # Methods per task, in report order. "*_dp" methods run once per epsilon.
 RECOMMENDER_METHODS = (
@@ -65,21 +67,21 @@ def _int_list(value, key: str) -> list[int]:
     return out
 
 
-def build_spec(settings: dict) -> EvalSpec:
-    """Validate ``settings`` (hydra-composed conf/evaluate.yaml) into an :class:`EvalSpec`."""
-    ev = settings.get("evaluate") or {}
-    task = settings["task"]["name"]
+def build_spec(settings: EvaluateConfig) -> EvalSpec:
+    """Validate ``settings`` (the composed `storefed evaluate` config) into an :class:`EvalSpec`."""
+    ev = dataclasses.asdict(settings.evaluate)
+    task = settings.task.name
     if task not in METHODS:
         raise ValueError(f"task.name={task!r} is unknown: choose task=recommender or task=review")
-    data = settings["data"]
-    source = data.get("source")
+    data = settings.data
+    source = data.source
     if source not in ("amazon", "movielens"):
         raise ValueError(
             f"data.source={source!r}: storefed evaluate needs real data, choose data=amazon or data=movielens"
         )
     if task == "review" and source == "movielens":
         raise ValueError("MovieLens u.data has no review text: use task=recommender with data=movielens")
-    path = Path(str(data.get("path")))
+    path = Path(str(data.path))
     if not path.is_file():
         raise ValueError(
             f"data.path={str(path)!r} does not exist (resolved: {path.resolve()}): "
@@ -111,14 +113,14 @@ def build_spec(settings: dict) -> EvalSpec:
     if any(m in DP_METHODS for m in methods):
         if not epsilons:
             raise ValueError("evaluate.epsilons is empty but DP methods were asked for: give e.g. evaluate.epsilons=[1,3,8]")
-        privacy = settings["privacy"]
-        delta = float(privacy.get("delta") or 0.0)
-        if not 0 < delta < 1 or float(privacy.get("max_grad_norm") or 0) <= 0:
+        privacy = settings.privacy
+        delta = float(privacy.delta or 0.0)
+        if not 0 < delta < 1 or float(privacy.max_grad_norm or 0) <= 0:
             raise ValueError(
                 "DP methods need privacy=dp (privacy.delta in (0, 1) and privacy.max_grad_norm > 0); "
                 "with privacy=none drop centralized_dp and federated_dp from evaluate.methods"
             )
-    strategy = settings["strategy"].get("name", "fedavg")
+    strategy = settings.strategy.name
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not supported by storefed evaluate: choose one of {list(STRATEGIES)}")
     rounds = int(ev.get("rounds", 10))
@@ -142,19 +144,15 @@ def build_spec(settings: dict) -> EvalSpec:
     )
 
 
-def cell_settings(settings: dict, cell: Cell, spec: EvalSpec) -> dict:
+def cell_settings(settings: EvaluateConfig, cell: Cell, spec: EvalSpec) -> EvaluateConfig:
     """The settings a `storefed simulate` run of this cell would use (data, federation, seed)."""
     per_round = spec.stores_per_round or cell.num_merchants
-    out = dict(settings)
-    out["seed"] = cell.seed
-    out["data"] = dict(settings["data"], num_merchants=cell.num_merchants, partition=cell.partition)
-    out["federation"] = dict(
-        settings["federation"],
-        num_stores=cell.num_merchants,
-        stores_per_round=per_round,
-        eval_stores_per_round=cell.num_merchants,
-        rounds=spec.rounds,
+    return dataclasses.replace(
+        settings,
+        seed=cell.seed,
+        data=dataclasses.replace(settings.data, num_merchants=cell.num_merchants, partition=cell.partition),
+        federation=dataclasses.replace(
+            settings.federation, num_stores=cell.num_merchants, stores_per_round=per_round,
+            eval_stores_per_round=cell.num_merchants, rounds=spec.rounds,
+        ),
     )
-    out["task"] = dict(settings["task"])
-    out["privacy"] = dict(settings["privacy"])
-    return out

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
-from client.dataset import MerchantData
-from client.local_training import DPParams, LocalTrainingConfig, train_local
-from models.recommender import customer_histories, evaluate_scores, popularity_scorer, split_leave_last_out
-from models.review import classification_metrics
-from models.task import Task
-from privacy.accounting import epsilon_of, plan_noise_multiplier
-from privacy.delta_check import delta_problem
-from privacy.dp_sgd import plan_sampling, unwrap
+from storefed.data.schema import MerchantData
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+from storefed.models.recommender import customer_histories, evaluate_scores, popularity_scorer, split_leave_last_out
+from storefed.models.review import classification_metrics
+from storefed.models.task import Task
+from storefed.privacy.accounting import epsilon_of, plan_noise_multiplier
+from storefed.privacy.delta_check import delta_problem
+from storefed.privacy.dp_sgd import plan_sampling, unwrap
 
 CPU = torch.device("cpu")
 

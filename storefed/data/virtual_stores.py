@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from client.dataset import Catalog, Interactions, MerchantData, Reviews
+from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews
 
 POSITIVE_WORDS = (
     "great excellent love perfect amazing awesome fantastic wonderful solid happy "

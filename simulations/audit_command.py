@@ -1,12 +1,13 @@
 """``storefed audit [key=value ...]``: one-run canary audit, printed and written to ``<run_dir>/audit.json``.
 
-Configuration: ``conf/audit.yaml`` (task, privacy and data groups as for ``storefed simulate``,
-plus the ``audit`` block). Exit status 0 when the audit ran, 2 with one line naming the problem
+Configuration: ``storefed.config.schema.AuditConfig`` (task, privacy and data groups as for
+``storefed simulate``, plus the ``audit`` block). Exit status 0 when the audit ran, 2 with one line naming the problem
 when the configuration is unusable. What the numbers mean (and do not mean): ``STATEMENT``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -14,8 +15,9 @@ import time
 import warnings
 from pathlib import Path
 
-from privacy.atomic_files import atomic_write_text
-from privacy.audit_run import AuditConfigError, AuditPlan, AuditRun, real_histories_of_stores, run_audit
+from storefed.config.schema import AuditConfig
+from storefed.privacy.atomic_files import atomic_write_text
+from storefed.simulations.audit_run import AuditConfigError, AuditPlan, AuditRun, real_histories_of_stores, run_audit
 
 STATEMENT = (
     "An audit lower bound can only show leakage, never prove privacy: a small or zero bound does not "
@@ -56,22 +58,23 @@ def _audit_delta(value, default: float) -> float:
     return number
 
 
-def build_plan(cfg: dict) -> AuditPlan:
+def build_plan(cfg: AuditConfig) -> AuditPlan:
     """Validate the composed configuration and build the audit plan (one clear error per problem)."""
-    from client.data_source import generator_config
-    from client.local_training import LocalTrainingConfig
-    from privacy.accounting import check_accountant
-    from privacy.dp_sgd import GRAD_SAMPLE_MODES
-    from simulations.virtual_stores import generate_catalog, generate_store
+    from storefed.data.sources import generator_config
+    from storefed.client.local_training import LocalTrainingConfig
+    from storefed.privacy.accounting import check_accountant
+    from storefed.privacy.dp_sgd import GRAD_SAMPLE_MODES
+    from storefed.data.virtual_stores import generate_catalog, generate_store
 
-    task, privacy, data, audit = cfg["task"], cfg["privacy"], cfg["data"], cfg["audit"]
-    if task.get("name") != "recommender":
+    task, privacy, data = cfg.task, dataclasses.asdict(cfg.privacy), cfg.data
+    audit = dataclasses.asdict(cfg.audit)
+    if task.name != "recommender":
         raise AuditConfigError(
-            f"task={task.get('name')!r}: storefed audit audits the recommender (DP unit = customer, canaries are "
+            f"task={task.name!r}: storefed audit audits the recommender (DP unit = customer, canaries are "
             "random-history customers); use task=recommender"
         )
-    if data.get("source") != "virtual":
-        raise AuditConfigError(f"data={data.get('source')!r}: storefed audit runs on virtual stores; use data=virtual")
+    if data.source != "virtual":
+        raise AuditConfigError(f"data={data.source!r}: storefed audit runs on virtual stores; use data=virtual")
     m = _int(audit["canaries"], "audit.canaries", 2, " (hundreds of canaries give a useful bound, e.g. 1000)")
     guesses = audit["guesses"]
     if guesses is None:  # default: 5%, 10%, 20%, 50% and 100% of the canaries
@@ -87,14 +90,14 @@ def build_plan(cfg: dict) -> AuditPlan:
             "each guess count must be at most the number of canaries"
         )
     length = _int(audit["canary_length"], "audit.canary_length", 2)
-    gen = generator_config(dict(data, seed=cfg["seed"]))
+    gen = generator_config(data, cfg.seed)
     catalog = generate_catalog(gen)
     if length > catalog.num_items:
         raise AuditConfigError(f"audit.canary_length={length}: at most the catalog size {catalog.num_items}")
     confidence = _float(audit["confidence"], "audit.confidence", 0.0, 1.0, "strictly between 0 and 1, e.g. 0.95")
     stores = _int(audit["stores"], "audit.stores", 0)
-    epochs = _int(task["epochs"] if audit["epochs"] is None else audit["epochs"], "audit.epochs", 1)
-    batch_size = _int(task["batch_size"], "task.batch_size", 1)
+    epochs = _int(task.epochs if audit["epochs"] is None else audit["epochs"], "audit.epochs", 1)
+    batch_size = _int(task.batch_size, "task.batch_size", 1)
     private = bool(privacy["enabled"])
     epsilon, delta = float(privacy["epsilon"]), float(privacy["delta"])
     if private:
@@ -111,11 +114,10 @@ def build_plan(cfg: dict) -> AuditPlan:
             mode = privacy["grad_sample_mode"]
             raise AuditConfigError(f"privacy.grad_sample_mode={mode!r}: choose one of {GRAD_SAMPLE_MODES}")
     audit_delta = _audit_delta(audit["delta"], delta if private else 1e-5)
-    max_history = int(task.get("max_history", 50))
-    real = real_histories_of_stores([generate_store(gen, s) for s in range(stores)], max_history)
-    task_cfg = dict(task, seed=cfg["seed"])
+    real = real_histories_of_stores([generate_store(gen, s) for s in range(stores)], task.max_history)
     return AuditPlan(
-        task_cfg=task_cfg,
+        task_cfg=task,
+        seed=cfg.seed,
         catalog=catalog,
         real_histories=real,
         canaries=m,
@@ -124,12 +126,12 @@ def build_plan(cfg: dict) -> AuditPlan:
         guesses=guesses,
         confidence=confidence,
         audit_delta=audit_delta,
-        local=LocalTrainingConfig(epochs, batch_size, float(task["lr"]), str(task["optimizer"])),
+        local=LocalTrainingConfig(epochs, batch_size, task.lr, task.optimizer),
         private=private,
         epsilon_target=epsilon,
         delta=delta,
         accountant=str(privacy["accountant"]),
-        noise_multiplier=privacy["noise_multiplier"],
+        noise_multiplier=privacy["noise_multiplier"] if privacy["noise_multiplier"] == "auto" else float(privacy["noise_multiplier"]),
         max_grad_norm=float(privacy["max_grad_norm"]),
         grad_sample_mode=str(privacy["grad_sample_mode"]),
     )
@@ -241,27 +243,21 @@ def format_report(record: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_dir(cfg: dict) -> Path:
-    if cfg.get("run_dir"):
-        return Path(cfg["run_dir"]).resolve()
-    from storefed import PROJECT_ROOT
-
-    mode = "dp" if cfg["privacy"]["enabled"] else "none"
-    return PROJECT_ROOT / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{mode}"
+def _run_dir(cfg: AuditConfig) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir).resolve()
+    mode = "dp" if cfg.privacy.enabled else "none"
+    return Path.cwd() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-audit-{mode}"
 
 
-def run_audit_command(overrides: list[str]) -> int:
-    """Compose ``conf/audit.yaml`` with ``overrides``, run the audit, print it and write ``audit.json``."""
-    from hydra.errors import HydraException
-
-    from client.device import choose_device
-    from storefed import compose
+def run_audit_command(cfg: AuditConfig) -> int:
+    """Run the audit of the composed ``cfg``, print it and write ``audit.json``."""
+    from storefed.client.device import choose_device
 
     try:
-        cfg = compose(overrides, config_name="audit")
         plan = build_plan(cfg)
         try:
-            device = choose_device(str(cfg.get("device", "auto")))
+            device = choose_device(cfg.device)
         except (ValueError, RuntimeError) as exc:
             raise AuditConfigError(str(exc)) from None
         with warnings.catch_warnings():
@@ -269,7 +265,7 @@ def run_audit_command(overrides: list[str]) -> int:
             warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")  # ghost clipping, benign
             run = run_audit(plan, device)
-    except (AuditConfigError, HydraException) as exc:
+    except AuditConfigError as exc:
         print("storefed audit: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     record = audit_record(plan, run)

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from client.dataset import Catalog
-from client.local_training import DPParams, LocalTrainingConfig, train_local
-from models.recommender import CustomerDataset, RecommenderTask, customer_histories, split_leave_last_out
-from privacy.accounting import epsilon_of, plan_noise_multiplier
-from privacy.audit import AuditBound, audit_bound
-from privacy.canaries import CanarySet, canary_scores, make_canaries
-from privacy.delta_check import delta_problem
-from privacy.dp_sgd import plan_sampling, unwrap
+from storefed.config.schema import RecommenderConfig
+from storefed.data.schema import Catalog
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+from storefed.models.recommender import CustomerDataset, RecommenderTask, customer_histories, split_leave_last_out
+from storefed.privacy.accounting import epsilon_of, plan_noise_multiplier
+from storefed.privacy.audit import AuditBound, audit_bound
+from storefed.privacy.canaries import CanarySet, canary_scores, make_canaries
+from storefed.privacy.delta_check import delta_problem
+from storefed.privacy.dp_sgd import plan_sampling, unwrap
 
 
 class AuditConfigError(ValueError):
@@ -32,9 +33,10 @@ class AuditConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AuditPlan:
-    """What to audit; validated by ``privacy.audit_command``."""
+    """What to audit; validated by ``storefed.simulations.audit_command``."""
 
-    task_cfg: dict
+    task_cfg: RecommenderConfig
+    seed: int
     catalog: Catalog
     real_histories: list[np.ndarray]  # the merchant's own customers (training histories)
     canaries: int
@@ -87,7 +89,7 @@ def noise_for(plan: AuditPlan, sample_rate: float, steps: int) -> float:
 
 def run_audit(plan: AuditPlan, device: torch.device) -> AuditRun:
     """Insert the canaries, train once, score the canaries, bound epsilon from below."""
-    task = RecommenderTask(plan.task_cfg, plan.catalog)
+    task = RecommenderTask(plan.task_cfg, plan.catalog, seed=plan.seed)
     canaries = make_canaries(plan.catalog.num_items, plan.canaries, plan.canary_length, plan.canary_seed)
     dataset = CustomerDataset(plan.real_histories + canaries.members, task.max_history)
     sampling = plan_sampling(len(dataset), plan.local.batch_size, plan.local.epochs)

@@ -1,7 +1,7 @@
 """Convert a public-format export (Amazon JSON lines, MovieLens u.data) into merchant directories.
 
 Writes ``<out>/catalog.csv`` and one ``<out>/merchant-NNN/`` per merchant in StoreFed's merchant
-file schema (see client/merchant_files.py), ready for `storefed merchant` or inspection.
+file schema (see storefed/data/merchant_files.py), ready for `storefed merchant` or inspection.
 Refuses a non-empty output directory, so nothing existing is overwritten.
 """
 
@@ -9,21 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.data_source import load_simulated
-from client.merchant_files import summarize, write_catalog, write_merchant_dir
+from storefed.config.schema import DataConfig, ImportedDataConfig
+from storefed.data.sources import load_simulated
+from storefed.data.merchant_files import summarize, write_catalog, write_merchant_dir
 
 
-def convert_to_merchant_dirs(data_cfg: dict, out_dir: str | Path, reviews_format: str = "csv") -> list[dict]:
+def convert_to_merchant_dirs(
+    data_cfg: DataConfig, seed: int, out_dir: str | Path, reviews_format: str = "csv"
+) -> list[dict]:
     """Partition ``data_cfg``'s file into merchants and write them; returns per-merchant counts."""
-    if data_cfg.get("source", "virtual") == "virtual":
+    if not isinstance(data_cfg, ImportedDataConfig):
         raise ValueError("storefed import needs data=amazon or data=movielens (with data.path=<file>)")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output directory {out} is not empty: choose a new out_dir")
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for partition in range(int(data_cfg["num_merchants"])):
-        catalog, merchant = load_simulated(data_cfg, partition)
+    for partition in range(data_cfg.num_merchants):
+        catalog, merchant = load_simulated(data_cfg, seed, partition)
         if partition == 0:
             write_catalog(catalog, out / "catalog.csv")
         write_merchant_dir(merchant, catalog, out / merchant.merchant_id, reviews_format=reviews_format)

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from privacy.atomic_files import atomic_write_text
-from client.dataset import (
+from storefed.privacy.atomic_files import atomic_write_text
+from storefed.data.schema import (
     Catalog,
     Interactions,
     MerchantData,

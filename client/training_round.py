@@ -1,0 +1,152 @@
+"""One merchant round, shared by plain and SecAgg+ rounds: load, check the budget, train under DP, or refuse.
+
+A round is refused (``refused=1`` with a reason, no tensors) when taking it would push the
+merchant's ledger past its epsilon budget, or when delta >= 1/(number of DP units). The ledger
+is updated atomically *before* any tensor is returned, i.e. before anything is released.
+What is returned: exactly the task's shared tensors, the metrics of ``wire.TRAIN_METRIC_KEYS``
+and the unit / accountant / guarantee text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+
+from storefed.client.device import choose_device
+from storefed.client.local_training import DPParams, local_training_config, train_local
+from storefed.data.schema import MerchantData
+from storefed.data.sources import load_for_node
+from storefed.models.task import Task, build_task
+from storefed.privacy.accounting import plan_noise_multiplier
+from storefed.privacy.delta_check import delta_problem
+from storefed.privacy.dp_sgd import plan_sampling, unwrap
+from storefed.privacy.ledger import PrivacyLedger, open_ledger
+from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, MerchantPrivacy, RoundConfig
+
+log = logging.getLogger("flwr")  # Flower configures its handlers: lines reach the merchant console
+
+
+@dataclass
+class TrainOutcome:
+    """What a merchant releases for one train round (tensors are ``None`` for a refusal)."""
+
+    metrics: dict[str, float]
+    arrays: ArrayRecord | None
+    privacy: dict[str, str]
+
+
+def load_round(
+    config: RoundConfig, global_state: dict[str, torch.Tensor], node_config: dict[str, Any]
+) -> tuple[Task, torch.nn.Module, MerchantData, torch.device]:
+    """This node's task, the global model loaded with ``global_state``, its data and device."""
+    catalog, data = load_for_node(config.data, config.seed, node_config)
+    task = build_task(config.task, catalog, seed=config.seed, privacy_unit=config.privacy.unit)
+    model = task.build_model()
+    model.load_state_dict(global_state, strict=False)
+    return task, model, data, choose_device(config.device)
+
+
+def merchant_privacy(proposed: MerchantPrivacy, node_config: dict[str, Any]) -> MerchantPrivacy:
+    """The coordinator's proposal, overridden by the merchant's own node config (budget, delta, ledger)."""
+    own = {key: node_config[node_key] for node_key, key in
+           (("epsilon-budget", "epsilon"), ("delta", "delta"), ("ledger-dir", "ledger_dir")) if node_key in node_config}
+    if "epsilon" in own:
+        own["epsilon"] = float(own["epsilon"])
+    if "delta" in own:
+        own["delta"] = float(own["delta"])
+    return dataclasses.replace(proposed, **own)
+
+
+def refusal(reason: str, ledger: PrivacyLedger | None, budget: float, delta: float) -> TrainOutcome:
+    spent = ledger.epsilon_spent if ledger else 0.0
+    metrics = {key: 0.0 for key in TRAIN_METRIC_KEYS} | {
+        "refused": 1, "dp": 1, "epsilon_total": spent, "epsilon_budget": budget, "delta": delta,
+    }
+    log.warning("StoreFed merchant: refused round: %s", reason)
+    return TrainOutcome(metrics, None, {"refusal": reason})
+
+
+def train_round(
+    config: RoundConfig,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    proximal_mu: float,
+    node_config: dict[str, Any],
+) -> TrainOutcome:
+    """One round of local training under DP, or a refusal (the ledger is written before returning)."""
+    task, model, data, device = load_round(config, global_state, node_config)
+    privacy = merchant_privacy(config.privacy, node_config)
+    local = local_training_config(config.task, proximal_mu)
+    dataset = task.train_dataset(data)
+    if len(dataset) == 0:
+        return refusal(f"no {task.privacy_unit} examples to train on", None, 0.0, 0.0)
+
+    if not privacy.enabled:
+        result = train_local(task, model, dataset, local, None, device)
+        metrics = {key: 0.0 for key in TRAIN_METRIC_KEYS} | {
+            NUM_EXAMPLES: result.num_units, "train_loss": result.mean_loss, "steps": result.steps,
+            "epsilon_round": math.inf, "epsilon_total": math.inf,
+        }
+        guarantee = "NONE: privacy.enabled=false, this update carries no differential-privacy guarantee"
+        return TrainOutcome(metrics, shared_arrays(task, model), {"unit": task.privacy_unit, "guarantee": guarantee})
+
+    budget, delta = privacy.epsilon, privacy.delta
+    if privacy.ledger_dir is None:
+        raise ValueError("no privacy ledger directory: set node config ledger-dir (storefed merchant ledger_dir=...)")
+    ledger = open_ledger(
+        privacy.ledger_dir, data.merchant_id, task.name, task.privacy_unit, delta, privacy.accountant, budget
+    )
+    reason = delta_problem(delta, len(dataset), task.privacy_unit, "this merchant")
+    if reason:
+        return refusal(reason, ledger, budget, delta)
+    plan = plan_sampling(len(dataset), local.batch_size, local.epochs)
+    noise = _noise_multiplier(privacy, ledger, plan.sample_rate, plan.steps)
+    if noise is None or ledger.epsilon_after(noise, plan.sample_rate, plan.steps) > budget:
+        reason = (
+            f"privacy budget exhausted: {ledger.epsilon_spent:.3f} of epsilon {budget:g} spent "
+            f"(delta={delta:g}, per {task.privacy_unit}); this round would exceed it"
+        )
+        return refusal(reason, ledger, budget, delta)
+
+    dp = DPParams(noise, privacy.max_grad_norm, privacy.grad_sample_mode)
+    result = train_local(task, model, dataset, local, dp, device)
+    record = ledger.record_round(config.run_id, server_round, noise, result.plan.sample_rate, result.steps)
+    log.info(
+        "StoreFed merchant %s round %d: trained %d DP steps, epsilon %.3f this round, %.3f of %g spent "
+        "(delta=%g, per %s, %s accountant, Poisson sampling)",
+        data.merchant_id, server_round, result.steps, record.epsilon_round, record.epsilon_total, budget, delta,
+        task.privacy_unit, ledger.accountant.upper(),
+    )
+    metrics = {
+        NUM_EXAMPLES: result.num_units, "train_loss": result.mean_loss, "steps": result.steps, "refused": 0, "dp": 1,
+        "noise_multiplier": noise, "sample_rate": result.plan.sample_rate, "epsilon_round": record.epsilon_round,
+        "epsilon_total": record.epsilon_total, "epsilon_budget": budget, "delta": delta,
+    }
+    return TrainOutcome(
+        metrics, shared_arrays(task, unwrap(model)),
+        {"unit": task.privacy_unit, "accountant": ledger.accountant, "guarantee": ledger.guarantee()},
+    )
+
+
+def _noise_multiplier(privacy: MerchantPrivacy, ledger: PrivacyLedger, sample_rate: float, steps: int) -> float | None:
+    """Configured noise, or (``noise_multiplier`` None = auto) the noise planned for the remaining rounds."""
+    if privacy.noise_multiplier is not None:
+        return float(privacy.noise_multiplier)
+    rounds_left = max(int(privacy.planned_rounds) - len(ledger.rounds), 1)
+    try:
+        return plan_noise_multiplier(
+            ledger.history, sample_rate, steps, rounds_left, ledger.epsilon_budget, ledger.delta, ledger.accountant
+        )
+    except ValueError:
+        return None
+
+
+def shared_arrays(task: Task, model: torch.nn.Module) -> ArrayRecord:
+    state = model.state_dict()
+    return ArrayRecord({key: state[key].detach().cpu() for key in task.shared_keys(model)})

@@ -1,0 +1,104 @@
+"""What every coordinator run path starts from: the merchants' round config, the catalog, the task
+and its initial shared tensors; and the run's ``status.json``.
+
+Shared by the plain federation (server_app.py), the SecAgg+ federation (secure_aggregation.py)
+and the in-process evaluation, so all three send merchants the same thing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
+from storefed.config.validate import noise_multiplier_value
+from storefed.data.schema import Catalog
+from storefed.data.sources import coordinator_catalog
+from storefed.models.task import Task, build_task
+from storefed.privacy.atomic_files import atomic_write_text
+from storefed.wire import MerchantPrivacy, RoundConfig
+
+
+class RunFailed(RuntimeError):
+    """The federated run could not produce a trustworthy model."""
+
+
+def default_planned_rounds(federation: FederationConfig) -> int:
+    """Rounds a merchant plans its noise for: twice its expected participations, at least 2.
+
+    A merchant sampled more often than planned still never exceeds its budget: later rounds
+    get the remaining budget or are refused (client/training_round.py).
+    """
+    rounds, per_round, stores = federation.rounds, federation.stores_per_round, federation.num_stores
+    return min(rounds, max(2, math.ceil(2 * rounds * per_round / stores)))
+
+
+def merchant_privacy(privacy: PrivacyConfig, federation: FederationConfig, run_dir: Path) -> MerchantPrivacy:
+    """The merchant-side privacy settings proposed for this run (a merchant may lower budget or delta)."""
+    return MerchantPrivacy(
+        enabled=privacy.enabled,
+        epsilon=privacy.epsilon,
+        delta=privacy.delta,
+        unit=privacy.unit,
+        max_grad_norm=privacy.max_grad_norm,
+        noise_multiplier=noise_multiplier_value(privacy.noise_multiplier) if privacy.enabled else None,
+        planned_rounds=privacy.planned_rounds or default_planned_rounds(federation),
+        accountant=privacy.accountant,
+        grad_sample_mode=privacy.grad_sample_mode,
+        ledger_dir=privacy.ledger_dir or str(run_dir / "ledgers"),
+    )
+
+
+def round_config(settings: RunConfig, run_dir: Path) -> RoundConfig:
+    """What every merchant receives each round: task, merchant-side privacy, data source, seed, run id."""
+    return RoundConfig(
+        task=settings.task,
+        privacy=merchant_privacy(settings.privacy, settings.federation, run_dir),
+        data=settings.data,
+        seed=settings.seed,
+        device=settings.device,
+        run_id=run_dir.name,
+    )
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """The merchants' round config, the catalog, the task and its freshly initialised shared tensors."""
+
+    to_clients: RoundConfig
+    catalog: Catalog
+    task: Task
+    shared: dict[str, torch.Tensor]  # in task order
+
+    @property
+    def expected(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes every merchant update must carry."""
+        return {k: tuple(v.shape) for k, v in self.shared.items()}
+
+
+def prepare_run(settings: RunConfig, run_dir: Path) -> RunSetup:
+    """Round config, catalog, task and initial model for a run (plain, secure or in-process)."""
+    to_clients = round_config(settings, run_dir)
+    catalog = coordinator_catalog(settings.data, settings.seed)
+    task = build_task(settings.task, catalog, seed=settings.seed, privacy_unit=settings.privacy.unit)
+    model = task.build_model()
+    state = model.state_dict()
+    return RunSetup(to_clients, catalog, task, {k: state[k] for k in task.shared_keys(model)})
+
+
+def write_status(run_dir: Path, status: str, error: str | None = None, detail: str | None = None) -> None:
+    """``status.json``: ``running`` | ``completed`` | ``failed`` with the reason (written atomically)."""
+    payload = {"status": status, "time": time.time(), "error": error, "traceback": detail}
+    atomic_write_text(run_dir / "status.json", json.dumps(payload, indent=2))
+
+
+def check_someone_trained(rounds: int, trained: int, refusals: list[str]) -> None:
+    """A run in which no merchant trained in any round has no model to offer: it fails, with the reason."""
+    if trained == 0:
+        reason = refusals[0] if refusals else "no merchant replied with an update"
+        raise RunFailed(f"no merchant trained in any of the {rounds} round(s); e.g. {reason}")

@@ -1,0 +1,321 @@
+"""The typed configuration: the single source of every default and type (hydra structured configs).
+
+Each dataclass is one config group option or one command's root config; they are registered in
+hydra's ConfigStore by :mod:`storefed.config.store`. YAML files under ``conf/`` are presets only:
+they name a schema here and override a few values (e.g. ``conf/data/amazon.yaml``).
+Ranges are checked by :mod:`storefed.config.validate` when the config is composed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+# --- task (what is learned) -------------------------------------------------------------------
+@dataclass
+class RecommenderConfig:
+    """History-based next-item recommender. DP unit: one customer (their capped history)."""
+
+    name: str = "recommender"
+    embedding_dim: int = 32
+    max_history: int = 50  # a customer's history is capped to their most recent items
+    top_k: int = 10
+    sampled_candidates: int = 100  # secondary, labelled sampled-100 protocol
+    epochs: int = 10  # local epochs per round
+    batch_size: int = 256  # expected Poisson batch size
+    lr: float = 0.03
+    optimizer: str = "adam"  # adam | sgd
+
+
+@dataclass
+class ReviewConfig:
+    """Review sentiment classifier (transformers BERT). DP unit: one review, or one reviewer."""
+
+    name: str = "review"
+    labels: str = "polarity"  # polarity (1-2 neg, 4-5 pos, 3 dropped) | three_class
+    vocab_size: int = 4096  # hashing tokenizer buckets (learns nothing from merchant data)
+    max_length: int = 32  # tokens per review
+    hidden_size: int = 32
+    num_layers: int = 1
+    num_heads: int = 2
+    intermediate_size: int = 64
+    initializer_range: float = 0.02
+    class_weights: Optional[List[float]] = None  # fixed loss weight per class, never from data
+    test_fraction: float = 0.2
+    max_reviews_per_user: int = 4  # privacy.unit=user: a reviewer's most recent reviews in one unit
+    pooling: str = "mean"  # mean | cls
+    pretrained_dir: Optional[str] = None  # local BERT-family checkpoint -> LoRA adapters + head federated
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: List[str] = field(default_factory=lambda: ["query", "value"])
+    epochs: int = 10
+    batch_size: int = 512
+    lr: float = 0.03
+    optimizer: str = "adam"
+
+
+TaskConfig = RecommenderConfig | ReviewConfig
+
+
+# --- privacy --------------------------------------------------------------------------------------
+@dataclass
+class PrivacyConfig:
+    """Record-level DP at every merchant (Opacus, Poisson sampling), plus coordinator-side options."""
+
+    enabled: bool = True
+    epsilon: float = 8.0  # each merchant's total budget per task, across all rounds and runs
+    delta: float = 1e-5  # must be below 1/(DP units at the merchant)
+    unit: Optional[str] = None  # null: the task's unit; user: one customer's whole contribution
+    max_grad_norm: float = 1.0  # per-unit L2 clipping norm
+    noise_multiplier: str = "auto"  # auto (planned so planned_rounds fit the budget) or a number > 0
+    planned_rounds: Optional[int] = None  # default: 2x expected participations (min 2, max rounds)
+    accountant: str = "rdp"  # rdp | prv (Opacus accountants)
+    grad_sample_mode: str = "ghost"  # ghost | hooks
+    ledger_dir: Optional[str] = None  # default: <run_dir>/ledgers
+    # Client-level central DP (Flower's DP strategy wrappers): unit = one merchant's whole update.
+    central: str = "none"  # none | fixed | adaptive
+    central_noise_multiplier: float = 1.0
+    central_clipping_norm: float = 1.0
+    central_target_quantile: float = 0.5
+    central_clip_norm_lr: float = 0.2
+    central_epsilon: float = 30.0
+    central_delta: float = 1e-5
+    # Secure aggregation (Flower SecAgg+): the coordinator sees only the sum of updates.
+    secure_aggregation: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_max_weight: float = 1000.0
+    secagg_timeout_s: Optional[float] = None
+
+
+# --- strategy -------------------------------------------------------------------------------------
+@dataclass
+class FedAvgConfig:
+    name: str = "fedavg"
+
+
+@dataclass
+class FedAdamConfig:
+    name: str = "fedadam"
+    eta: float = 0.01
+    eta_l: float = 0.01
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 0.001
+
+
+@dataclass
+class FedProxConfig:
+    name: str = "fedprox"
+    proximal_mu: float = 0.1
+
+
+StrategyConfig = FedAvgConfig | FedAdamConfig | FedProxConfig
+
+
+# --- federation -----------------------------------------------------------------------------------
+@dataclass
+class FederationConfig:
+    num_stores: int = 100  # merchants (virtual stores in simulation; connected merchants in deployment)
+    stores_per_round: int = 10
+    eval_stores_per_round: Optional[int] = None  # null = stores_per_round
+    rounds: int = 5
+    client_cpus: int = 1  # per virtual client; 1 is best on small machines
+    client_gpus: float = 0.0  # fraction of a GPU per virtual client
+
+    def evaluated_per_round(self) -> int:
+        """Merchants that evaluate the global model each round."""
+        return self.stores_per_round if self.eval_stores_per_round is None else self.eval_stores_per_round
+
+
+# --- data -----------------------------------------------------------------------------------------
+@dataclass
+class GeneratorConfig:
+    """Virtual stores (storefed.data.virtual_stores), generated on demand, deterministic per seed."""
+
+    num_items: int = 1000
+    num_categories: int = 20
+    latent_dim: int = 16
+    popularity_exponent: float = 0.8
+    taste_strength: float = 6.0
+    mean_customers: float = 150.0
+    sigma_customers: float = 0.7
+    min_customers: int = 12
+    max_customers: int = 2000
+    category_alpha: float = 0.5
+    mean_interactions: float = 10.0
+    review_probability: float = 0.2
+    review_noise: float = 0.1
+    start_time: int = 1_600_000_000
+
+
+@dataclass
+class VirtualDataConfig:
+    source: str = "virtual"
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+
+@dataclass
+class ImportedDataConfig:
+    """A public data set (Amazon JSON lines, MovieLens u.data) partitioned by customer into merchants."""
+
+    source: str = "amazon"  # amazon | movielens
+    path: str = MISSING
+    num_merchants: int = 10
+    partition: str = "iid"  # iid | dirichlet
+    alpha: float = 0.3  # dirichlet concentration
+    label: str = "category"  # dirichlet label: category | item
+
+
+@dataclass
+class FilesDataConfig:
+    """Deployment: merchants read their own directories; the coordinator publishes this catalog."""
+
+    source: str = "files"
+    catalog: str = "catalog.csv"
+
+
+DataConfig = VirtualDataConfig | ImportedDataConfig | FilesDataConfig
+
+
+# --- storefed server ------------------------------------------------------------------------------
+@dataclass
+class ServerConfig:
+    certs_dir: str = "certs"  # from `storefed certs`: ca.crt, server.pem, server.key
+    authorized_dir: str = "certs/merchants"  # every *.pub here is registered as an authorized merchant
+    fleet_address: str = "0.0.0.0:9092"  # public: merchants connect here (gRPC + TLS)
+    control_host: str = "127.0.0.1"  # control API + ServerApp runtime: never public
+    control_port: int = 9093
+    insecure: bool = False  # true = no TLS, no node auth (local debugging only)
+    start_timeout_s: float = 60.0
+    run_timeout_s: float = 3600.0
+
+
+# --- root configs, one per command ----------------------------------------------------------------
+def _defaults(**choices: str) -> list[Any]:
+    return [{group: option} for group, option in choices.items()] + ["_self_"]
+
+
+@dataclass
+class RunConfig:
+    """`storefed simulate`: one federated run of one task."""
+
+    defaults: List[Any] = field(default_factory=lambda: _defaults(
+        task="recommender", privacy="dp", strategy="fedavg", federation="local", data="virtual"))
+    task: Any = MISSING
+    privacy: PrivacyConfig = MISSING
+    strategy: Any = MISSING
+    federation: FederationConfig = MISSING
+    data: Any = MISSING
+    seed: int = 0  # model initialisation and virtual stores (never DP noise or sampling)
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    run_dir: Optional[str] = None  # default: ./runs/<time>-<task>
+
+
+@dataclass
+class ServerRunConfig(RunConfig):
+    """`storefed server`: the coordinator's SuperLink and one federated run over real merchants."""
+
+    defaults: List[Any] = field(default_factory=lambda: _defaults(
+        task="recommender", privacy="dp", strategy="fedavg", federation="deployment", data="files"))
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+@dataclass
+class EvaluateSettings:
+    num_merchants: List[int] = field(default_factory=lambda: [10, 50])
+    partitions: List[str] = field(default_factory=lambda: ["iid", "dirichlet"])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
+    epsilons: List[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
+    methods: Optional[List[str]] = None  # null = every method of the task
+    rounds: int = 2
+    stores_per_round: Optional[int] = None  # null = every merchant in every round
+    threads: int = 1
+    tfidf_max_features: int = 20000
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
+    """`storefed evaluate`: the privacy-utility grid on real data."""
+
+    defaults: List[Any] = field(default_factory=lambda: _defaults(
+        task="recommender", privacy="dp", strategy="fedavg", federation="local", data="amazon"))
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+
+
+@dataclass
+class AuditSettings:
+    stores: int = 4  # virtual stores whose customers are the merchant's real DP units
+    canaries: int = 1000  # m: canary customers, each included with probability 1/2
+    canary_length: int = 5
+    guesses: Optional[List[int]] = None  # null = 5%, 10%, 20%, 50%, 100% of the canaries
+    confidence: float = 0.95
+    delta: Optional[float] = None  # null = privacy.delta (1e-5 under privacy=none)
+    epochs: Optional[int] = None  # null = task.epochs
+    seed: int = 0
+
+
+@dataclass
+class AuditConfig:
+    """`storefed audit`: one-run canary audit of a merchant's local DP-SGD."""
+
+    defaults: List[Any] = field(default_factory=lambda: _defaults(task="recommender", privacy="dp", data="virtual"))
+    task: Any = MISSING
+    privacy: PrivacyConfig = MISSING
+    data: Any = MISSING
+    seed: int = 0
+    device: str = "auto"
+    run_dir: Optional[str] = None  # default: ./runs/<time>-audit-<dp|none>
+    audit: AuditSettings = field(default_factory=AuditSettings)
+
+
+@dataclass
+class MerchantConfig:
+    """`storefed merchant`: one merchant's agent (SuperNode)."""
+
+    data_dir: str = MISSING  # the merchant's data directory (schema v1)
+    catalog: Optional[str] = None  # default: <data_dir>/catalog.csv
+    ledger_dir: str = "ledger"  # the privacy ledger: keep it, back it up, never delete it
+    superlink: str = "127.0.0.1:9092"
+    ca_cert: Optional[str] = "certs/ca.crt"
+    private_key: Optional[str] = None  # this merchant's node key (certs/merchants/<name>)
+    port: int = 9094  # local ClientApp runtime port (one per merchant on a host)
+    insecure: bool = False
+    epsilon_budget: Optional[float] = None  # the merchant's own budget per task
+    delta: Optional[float] = None
+    max_wait_time_s: Optional[float] = None
+
+
+@dataclass
+class MerchantStatusConfig:
+    """`storefed merchant status`: what a merchant's ledger holds."""
+
+    ledger_dir: str = "ledger"
+
+
+@dataclass
+class CertsConfig:
+    """`storefed certs`: TLS material for the coordinator and node keys for merchants."""
+
+    out_dir: str = "certs"
+    merchants: List[str] = field(default_factory=list)
+    dns: List[str] = field(default_factory=lambda: ["localhost"])
+    ips: List[str] = field(default_factory=lambda: ["127.0.0.1"])
+    days: int = 365
+    organization: str = "StoreFed"
+    force: bool = False
+
+
+@dataclass
+class ImportConfig:
+    """`storefed import`: a public data set (or virtual stores) -> merchant directories."""
+
+    defaults: List[Any] = field(default_factory=lambda: _defaults(data="amazon"))
+    data: Any = MISSING
+    seed: int = 0
+    out_dir: str = MISSING  # a new directory: one merchant directory each + catalog.csv

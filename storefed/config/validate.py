@@ -1,0 +1,244 @@
+"""Range checks of a composed configuration: one line naming key, value and the allowed range.
+
+Types are enforced by OmegaConf against the dataclasses (``task.lr=abc`` fails there); this module
+checks what types cannot say: epsilon finite and > 0, delta in (0, 1), counts >= 1, choices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from storefed.config import schema as s
+
+DEVICES = "auto | cpu | cuda | cuda:N"
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("ghost", "hooks")
+CENTRAL_MODES = ("none", "fixed", "adaptive")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message is one line naming key, value and range."""
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _positive(key: str, value: float, finite: bool = True) -> None:
+    if not (value > 0 and (math.isfinite(value) or not finite)):
+        _fail(key, value, "must be a finite number > 0" if finite else "must be > 0")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        _fail(key, value, f"must be an integer >= {low}")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(key, value, f"choose one of {list(choices)}")
+
+
+def _open_unit(key: str, value: float) -> None:
+    if not 0 < value < 1:
+        _fail(key, value, "must lie strictly between 0 and 1")
+
+
+def noise_multiplier_value(text: str) -> float | None:
+    """``privacy.noise_multiplier`` as a number, or None for ``auto`` (raises ConfigError otherwise)."""
+    if str(text).strip() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"privacy.noise_multiplier={text!r} is not allowed: use auto or a number > 0") from None
+    return value
+
+
+def validate(cfg: Any) -> None:
+    """Check every section present in ``cfg`` (a root config of storefed.config.schema)."""
+    checks = {
+        "task": _task, "privacy": _privacy, "federation": _federation, "data": _data,
+        "strategy": _strategy, "evaluate": _evaluate, "audit": _audit,
+    }
+    for name, check in checks.items():
+        if hasattr(cfg, name):
+            check(getattr(cfg, name), cfg)
+    if hasattr(cfg, "device"):
+        _device(cfg.device)
+    if hasattr(cfg, "seed"):
+        _at_least("seed", cfg.seed, 0)
+    if isinstance(cfg, s.MerchantConfig):
+        _merchant(cfg)
+    if isinstance(cfg, s.CertsConfig):
+        _at_least("days", cfg.days, 1)
+
+
+def _device(device: str) -> None:
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    _fail("device", device, f"choose {DEVICES}")
+
+
+def _task(task: s.TaskConfig, cfg: Any) -> None:
+    _at_least("task.epochs", task.epochs, 1)
+    _at_least("task.batch_size", task.batch_size, 1)
+    _positive("task.lr", task.lr)
+    _choice("task.optimizer", task.optimizer, OPTIMIZERS)
+    if isinstance(task, s.RecommenderConfig):
+        for key in ("embedding_dim", "max_history", "top_k", "sampled_candidates"):
+            _at_least(f"task.{key}", getattr(task, key), 1)
+    else:
+        _choice("task.labels", task.labels, ("polarity", "three_class"))
+        _choice("task.pooling", task.pooling, ("mean", "cls"))
+        for key in ("vocab_size", "max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                    "max_reviews_per_user", "lora_r", "lora_alpha"):
+            _at_least(f"task.{key}", getattr(task, key), 1)
+        if task.hidden_size % task.num_heads:
+            _fail("task.hidden_size", task.hidden_size, f"must be a multiple of task.num_heads={task.num_heads}")
+        _open_unit("task.test_fraction", task.test_fraction)
+        _positive("task.initializer_range", task.initializer_range)
+        if task.class_weights is not None and (not task.class_weights or min(task.class_weights) <= 0):
+            _fail("task.class_weights", task.class_weights, "null or a list of numbers > 0, one per class")
+        if task.pretrained_dir is not None and not Path(task.pretrained_dir).is_dir():
+            _fail("task.pretrained_dir", task.pretrained_dir, "must be an existing local checkpoint directory")
+
+
+def _privacy(privacy: s.PrivacyConfig, cfg: Any) -> None:
+    _choice("privacy.unit", privacy.unit, (None, "user", "customer", "review", "reviewer"))
+    _choice("privacy.central", privacy.central, CENTRAL_MODES)
+    if privacy.enabled:
+        _positive("privacy.epsilon", privacy.epsilon)
+        _open_unit("privacy.delta", privacy.delta)
+        _positive("privacy.max_grad_norm", privacy.max_grad_norm)
+        noise = noise_multiplier_value(privacy.noise_multiplier)
+        if noise is not None and not (noise > 0 and math.isfinite(noise)):
+            _fail("privacy.noise_multiplier", privacy.noise_multiplier, "use auto or a finite number > 0")
+        if privacy.planned_rounds is not None:
+            _at_least("privacy.planned_rounds", privacy.planned_rounds, 1)
+        _choice("privacy.accountant", privacy.accountant, ACCOUNTANTS)
+        _choice("privacy.grad_sample_mode", privacy.grad_sample_mode, GRAD_SAMPLE_MODES)
+    if privacy.central != "none":
+        _positive("privacy.central_noise_multiplier", privacy.central_noise_multiplier)
+        _positive("privacy.central_clipping_norm", privacy.central_clipping_norm)
+        _open_unit("privacy.central_target_quantile", privacy.central_target_quantile)
+        _positive("privacy.central_clip_norm_lr", privacy.central_clip_norm_lr)
+        _positive("privacy.central_epsilon", privacy.central_epsilon)
+        _open_unit("privacy.central_delta", privacy.central_delta)
+    if privacy.secure_aggregation:
+        _at_least("privacy.secagg_num_shares", privacy.secagg_num_shares, 3)
+        _at_least("privacy.secagg_reconstruction_threshold", privacy.secagg_reconstruction_threshold, 2)
+        _positive("privacy.secagg_clipping_range", privacy.secagg_clipping_range)
+        _at_least("privacy.secagg_quantization_range", privacy.secagg_quantization_range, 2)
+        _positive("privacy.secagg_max_weight", privacy.secagg_max_weight)
+        if privacy.secagg_timeout_s is not None:
+            _positive("privacy.secagg_timeout_s", privacy.secagg_timeout_s)
+
+
+def _federation(federation: s.FederationConfig, cfg: Any) -> None:
+    _at_least("federation.num_stores", federation.num_stores, 1)
+    _at_least("federation.rounds", federation.rounds, 1)
+    _at_least("federation.client_cpus", federation.client_cpus, 1)
+    if not 1 <= federation.stores_per_round <= federation.num_stores:
+        _fail("federation.stores_per_round", federation.stores_per_round,
+              f"must lie in 1..federation.num_stores={federation.num_stores}")
+    if not 0 <= federation.evaluated_per_round() <= federation.num_stores:
+        _fail("federation.eval_stores_per_round", federation.eval_stores_per_round,
+              f"must lie in 0..federation.num_stores={federation.num_stores}")
+    if not federation.client_gpus >= 0:
+        _fail("federation.client_gpus", federation.client_gpus, "must be >= 0 (a fraction of a GPU per client)")
+
+
+def _data(data: s.DataConfig, cfg: Any) -> None:
+    if isinstance(data, s.VirtualDataConfig):
+        _choice("data.source", data.source, ("virtual",))
+        gen = data.generator
+        for key in ("num_items", "num_categories", "latent_dim", "min_customers", "max_customers"):
+            _at_least(f"data.generator.{key}", getattr(gen, key), 1)
+        for key in ("mean_customers", "mean_interactions", "category_alpha"):
+            _positive(f"data.generator.{key}", getattr(gen, key))
+        if gen.max_customers < gen.min_customers:
+            _fail("data.generator.max_customers", gen.max_customers,
+                  f"must be >= data.generator.min_customers={gen.min_customers}")
+        if not 0 <= gen.review_probability <= 1:
+            _fail("data.generator.review_probability", gen.review_probability, "must lie in [0, 1]")
+        if gen.taste_strength < 0 or gen.review_noise < 0 or gen.sigma_customers < 0:
+            _fail("data.generator", "negative value", "taste_strength, review_noise, sigma_customers must be >= 0")
+    elif isinstance(data, s.ImportedDataConfig):
+        _choice("data.source", data.source, ("amazon", "movielens"))
+        _at_least("data.num_merchants", data.num_merchants, 1)
+        _choice("data.partition", data.partition, ("iid", "dirichlet"))
+        _positive("data.alpha", data.alpha)
+        _choice("data.label", data.label, ("category", "item"))
+        if not Path(data.path).is_file():
+            _fail("data.path", data.path, f"no such file (from {Path.cwd()}): give the data set's path")
+    else:
+        _choice("data.source", data.source, ("files",))
+
+
+def _strategy(strategy: s.StrategyConfig, cfg: Any) -> None:
+    if isinstance(strategy, s.FedAdamConfig):
+        for key in ("eta", "eta_l", "tau"):
+            _positive(f"strategy.{key}", getattr(strategy, key))
+        for key in ("beta_1", "beta_2"):
+            if not 0 <= getattr(strategy, key) < 1:
+                _fail(f"strategy.{key}", getattr(strategy, key), "must lie in [0, 1)")
+    if isinstance(strategy, s.FedProxConfig) and strategy.proximal_mu < 0:
+        _fail("strategy.proximal_mu", strategy.proximal_mu, "must be >= 0")
+
+
+def _evaluate(evaluate: s.EvaluateSettings, cfg: Any) -> None:
+    for key in ("num_merchants", "partitions", "seeds", "epsilons"):
+        if not getattr(evaluate, key):
+            _fail(f"evaluate.{key}", getattr(evaluate, key), "must list at least one value")
+    for k in evaluate.num_merchants:
+        _at_least("evaluate.num_merchants", k, 1)
+    for eps in evaluate.epsilons:
+        _positive("evaluate.epsilons", eps)
+    for part in evaluate.partitions:
+        _choice("evaluate.partitions", part, ("iid", "dirichlet"))
+    _at_least("evaluate.rounds", evaluate.rounds, 1)
+    _at_least("evaluate.threads", evaluate.threads, 1)
+    if evaluate.stores_per_round is not None:
+        _at_least("evaluate.stores_per_round", evaluate.stores_per_round, 1)
+
+
+def _audit(audit: s.AuditSettings, cfg: Any) -> None:
+    _at_least("audit.stores", audit.stores, 0)
+    _at_least("audit.canaries", audit.canaries, 2)
+    _at_least("audit.canary_length", audit.canary_length, 2)
+    _open_unit("audit.confidence", audit.confidence)
+    if audit.delta is not None and not 0 <= audit.delta < 1:
+        _fail("audit.delta", audit.delta, "must lie in [0, 1) (0 tests pure DP; null = privacy.delta)")
+    if audit.epochs is not None:
+        _at_least("audit.epochs", audit.epochs, 1)
+    for r in audit.guesses or []:
+        if not 1 <= r <= audit.canaries:
+            _fail("audit.guesses", r, f"each guess count must lie in 1..audit.canaries={audit.canaries}")
+
+
+def _merchant(cfg: s.MerchantConfig) -> None:
+    if cfg.epsilon_budget is not None:
+        _positive("epsilon_budget", cfg.epsilon_budget)
+    if cfg.delta is not None:
+        _open_unit("delta", cfg.delta)
+    if not 1 <= cfg.port <= 65535:
+        _fail("port", cfg.port, "must lie in 1..65535")
+
+
+def config_keys(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf key of a (dataclass) config with its value, for ``--help``."""
+    rows: list[tuple[str, Any]] = []
+    for f in fields(node):
+        if f.name == "defaults":
+            continue
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            rows += config_keys(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value))
+    return rows
