@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from storefed.privacy.accounting import HistoryEntry, check_accountant, epsilon_of
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 
 LEDGER_SCHEMA = 1
 

@@ -33,7 +33,7 @@ from storefed.config.schema import ServerRunConfig
 from storefed.config.serialize import to_dict
 from storefed.flower_app import APP_DIR
 from storefed.flower_env import flower_env, flwr_bin
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 
 CONNECTION = "storefed"
 INSECURE_WARNING = (

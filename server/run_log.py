@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from storefed.server.screening import RoundScreening
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 
 
 class RunLog:

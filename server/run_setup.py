@@ -20,7 +20,7 @@ from storefed.config.validate import noise_multiplier_value
 from storefed.data.schema import Catalog
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import Task, build_task
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 from storefed.wire import MerchantPrivacy, RoundConfig
 
 

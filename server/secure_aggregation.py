@@ -49,7 +49,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log as flwr_log
 
 from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 from storefed.server.checkpoint import save_global_model
 from storefed.server.run_log import RunLog
 from storefed.server.run_setup import RunFailed, prepare_run, write_status

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from storefed.config.schema import AuditConfig
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 from storefed.simulations.audit_run import AuditConfigError, AuditPlan, AuditRun, real_histories_of_stores, run_audit
 
 STATEMENT = (

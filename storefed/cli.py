@@ -28,10 +28,10 @@ from storefed.config.compose import describe
 
 
 def cmd_simulate(overrides: list[str]) -> int:
+    settings = compose("simulate", overrides)  # first: a bad key exits 2 before anything heavy is imported
     from storefed.server.run_setup import RunFailed
     from storefed.simulations.runner import simulate
 
-    settings = compose("simulate", overrides)
     try:
         summary = simulate(settings)
     except RunFailed as exc:
@@ -43,18 +43,18 @@ def cmd_simulate(overrides: list[str]) -> int:
 
 
 def cmd_import(overrides: list[str]) -> int:
+    settings = compose("import", overrides)  # first: a bad key exits 2 before anything heavy is imported
     from storefed.data.convert import convert_to_merchant_dirs
 
-    settings = compose("import", overrides)
     for row in convert_to_merchant_dirs(settings.data, settings.seed, settings.out_dir):
         print(json.dumps(row))
     return 0
 
 
 def cmd_certs(overrides: list[str]) -> int:
+    cfg = compose("certs", overrides)  # first: a bad key exits 2 before anything heavy is imported
     from storefed.privacy.certificates import CertificateRequest, create_certificates
 
-    cfg = compose("certs", overrides)
     request = CertificateRequest(
         out_dir=Path(cfg.out_dir), merchants=tuple(cfg.merchants), dns_names=tuple(cfg.dns),
         ip_addresses=tuple(cfg.ips), days=cfg.days, organization=cfg.organization, force=cfg.force,
@@ -70,6 +70,7 @@ def cmd_certs(overrides: list[str]) -> int:
 
 
 def cmd_server(overrides: list[str]) -> int:
+    settings = compose("server", overrides)  # first: a bad key exits 2 before anything heavy is imported
     import dataclasses
 
     from storefed.config.schema import FilesDataConfig
@@ -77,7 +78,6 @@ def cmd_server(overrides: list[str]) -> int:
     from storefed.simulations.checks import check_run
     from storefed.simulations.runner import resolve_run_dir
 
-    settings = compose("server", overrides)
     check_run(settings)
     srv = settings.server
     options = ServerOptions(

@@ -207,11 +207,12 @@ def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
             "server", f"run_dir={tmp / 'run'}", "server.insecure=true", f"server.fleet_address=127.0.0.1:{fleet}",
             f"server.control_port={control}", f"data.catalog={tmp / 'catalog.csv'}", "federation.num_stores=1",
             "federation.stores_per_round=1", "federation.eval_stores_per_round=1", "federation.rounds=1",
-            "privacy.grad_sample_mode=bogus",
         ), tmp / "server.log")
         procs.append(server)
         server.wait_for("submitted run", timeout=90)
-        procs.append(Proc(_storefed("merchant", f"data_dir={tmp / 'shop-a'}", f"ledger_dir={tmp / 'ledger'}",
+        not_a_dir = tmp / "ledger-file"  # the merchant crashes at round time: its ledger cannot be written
+        not_a_dir.write_text("not a directory")
+        procs.append(Proc(_storefed("merchant", f"data_dir={tmp / 'shop-a'}", f"ledger_dir={not_a_dir}",
                                     f"superlink=127.0.0.1:{fleet}", "insecure=true", f"port={port}"), tmp / "merchant.log"))
         assert server.popen.wait(timeout=300) == 1
     finally:

@@ -214,15 +214,15 @@ def test_review_run_reports_accuracy_and_macro_f1_per_review(amazon_file, tmp_pa
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["data.path=/nonexistent/reviews.json.gz"], "data.path='/nonexistent/reviews.json.gz' does not exist"),
+        (["data.path=/nonexistent/reviews.json.gz"], "data.path='/nonexistent/reviews.json.gz' is not allowed: no such file"),
         (["evaluate.methods=[popularity,magic]"], "unknown method(s) ['magic'] for task=recommender"),
         (["evaluate.num_merchants=[3,500]"], f"has only {NUM_CUSTOMERS} customers"),
-        (["evaluate.epsilons=[0,8]"], "every epsilon must be a finite number > 0"),
-        (["evaluate.epsilons=[-1]"], "every epsilon must be a finite number > 0"),
-        (["evaluate.epsilons=[high]"], "evaluate.epsilons=['high'] must be numbers"),
+        (["evaluate.epsilons=[0,8]"], "evaluate.epsilons=0.0 is not allowed: must be a finite number > 0"),
+        (["evaluate.epsilons=[-1]"], "evaluate.epsilons=-1.0 is not allowed: must be a finite number > 0"),
+        (["evaluate.epsilons=[high]"], "evaluate.epsilons=[high]"),
         (["strategy=fedadam"], "strategy='fedadam' is not supported"),
-        (["evaluate.partitions=[skewed]"], "evaluate.partitions=['skewed'] is invalid"),
-        (["evaluate.seeds=[]"], "evaluate.seeds is empty"),
+        (["evaluate.partitions=[skewed]"], "evaluate.partitions='skewed' is not allowed: choose one of ['iid', 'dirichlet']"),
+        (["evaluate.seeds=[]"], "evaluate.seeds=[] is not allowed: must list at least one value"),
     ],
 )
 def test_bad_inputs_are_refused_with_one_clear_line(overrides, message, amazon_file, tmp_path, capsys):

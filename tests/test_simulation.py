@@ -58,10 +58,12 @@ def test_small_simulation_runs_end_to_end_and_writes_its_run_dir(tmp_path):
 
 
 def test_failed_run_is_detected_and_exits_nonzero(tmp_path):
-    run_dir = tmp_path / "bad"
-    done = _storefed("simulate", *SMALL, f"run_dir={run_dir}", "privacy.grad_sample_mode=bogus")
+    """A valid config whose merchants all crash at round time (their ledger directory is a file)."""
+    run_dir, not_a_dir = tmp_path / "bad", tmp_path / "ledgers-file"
+    not_a_dir.write_text("not a directory")
+    done = _storefed("simulate", *SMALL, f"run_dir={run_dir}", f"privacy.ledger_dir={not_a_dir}")
     assert done.returncode == 1
-    assert "every sampled merchant failed" in done.stderr and "grad_sample_mode" in done.stderr
+    assert "every sampled merchant failed" in done.stderr and "ledgers-file" in done.stderr
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
     assert not (run_dir / "global_model.safetensors").exists()
 
@@ -70,3 +72,14 @@ def test_bad_override_is_a_clear_error():
     done = _storefed("simulate", "strategy.name=fedmagic", "federation.num_stores=2", "federation.stores_per_round=1")
     assert done.returncode != 0
     assert "strategy.name='fedmagic' is unknown" in done.stderr
+
+
+def test_run_where_every_merchant_refuses_fails_with_the_reason(tmp_path):
+    """delta=0.5 is a valid number but not below 1/n at any store: all refuse, so there is no model."""
+    run_dir = tmp_path / "refused"
+    done = _storefed("simulate", *SMALL, f"run_dir={run_dir}", "task.epochs=1", "privacy.delta=0.5")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "no merchant trained in any of the 2 round(s)" in done.stderr and "delta=0.5 is not below 1/n" in done.stderr
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "no merchant trained" in status["error"]
+    assert not (run_dir / "global_model.safetensors").exists()

@@ -26,7 +26,7 @@ from storefed.data.sources import load_simulated
 from storefed.client.device import choose_device
 from storefed.client.local_training import local_training_config
 from storefed.models.task import build_task
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import EvaluateConfig
 from storefed.config.serialize import to_dict
 from storefed.simulations.evaluation import methods

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from storefed.privacy.atomic_files import atomic_write_bytes
+from storefed.atomic_files import atomic_write_bytes
 from storefed.simulations.evaluation.report import METHOD_LABELS, PRIMARY
 
 CURVES = {"federated_dp": ("tab:blue", "o"), "centralized_dp": ("tab:orange", "s")}

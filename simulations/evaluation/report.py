@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 
 PRIMARY = {"recommender": "hr@10", "review": "macro_f1"}
 GROUP_KEYS = ("num_merchants", "partition", "method", "epsilon")

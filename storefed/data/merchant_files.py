@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from storefed.privacy.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_text
 from storefed.data.schema import (
     Catalog,
     Interactions,
