@@ -1,7 +1,7 @@
 """`storefed merchant`: one merchant's agent (a Flower 1.39 SuperNode) on the merchant's machine.
 
 It validates the merchant's data directory first (files, lines and fields, as in
-client/merchant_files.py) and fails fast before connecting; then it runs ``flower-supernode``
+storefed/data/merchant_files.py) and fails fast before connecting; then it runs ``flower-supernode``
 against the coordinator's Fleet API over TLS (trusting ``ca_cert``) and authenticates with the
 merchant's private node key. The node config tells the StoreFed ClientApp where the data and the
 privacy ledger live, and the merchant's own budget (which overrides what the coordinator proposes).
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storefed.data.merchant_files import load_catalog, load_merchant_dir, summarize
-from storefed.privacy.delta_check import check_merchant_delta
 from storefed.flower_env import flower_env
+from storefed.privacy.delta_check import check_merchant_delta
 
 INSECURE_WARNING = (
     "WARNING: insecure=true: NO TLS and NO node authentication; model updates travel in clear text. "

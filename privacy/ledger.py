@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from storefed.privacy.accounting import HistoryEntry, check_accountant, epsilon_of
 from storefed.atomic_files import atomic_write_text
+from storefed.privacy.accounting import HistoryEntry, check_accountant, epsilon_of
 
 LEDGER_SCHEMA = 1
 

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from storefed.config.schema import TaskConfig
 from storefed.atomic_files import atomic_write_bytes, atomic_write_text
+from storefed.config.schema import TaskConfig
 
 WEIGHTS_FILE = "global_model.safetensors"
 CONFIG_FILE = "model_config.json"

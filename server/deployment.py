@@ -19,8 +19,6 @@ and prints a warning on every start.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,11 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import ServerRunConfig
 from storefed.config.serialize import to_dict
 from storefed.flower_app import APP_DIR
 from storefed.flower_env import flower_env, flwr_bin
-from storefed.atomic_files import atomic_write_text
 
 CONNECTION = "storefed"
 INSECURE_WARNING = (

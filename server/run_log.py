@@ -13,8 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from storefed.server.screening import RoundScreening
 from storefed.atomic_files import atomic_write_text
+from storefed.server.screening import RoundScreening
 
 
 class RunLog:

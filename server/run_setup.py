@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 
+from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
 from storefed.config.validate import noise_multiplier_value
 from storefed.data.schema import Catalog
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import Task, build_task
-from storefed.atomic_files import atomic_write_text
 from storefed.wire import MerchantPrivacy, RoundConfig
 
 

@@ -2,7 +2,7 @@
 
 Flower 1.39 offers SecAgg+ only in its legacy workflow API, so this run uses ``LegacyContext`` +
 ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(...))`` with a legacy strategy, and the same
-model, merchants (``client.client_app:app``), run log, checkpoint and status files as ``_run``.
+model, merchants (``storefed.client.client_app:app``), run log, checkpoint and status files as ``_run``.
 
 Who sees what (coordinator honest-but-curious, i.e. it runs this code; fewer than
 ``reconstruction_threshold`` merchants of a neighbourhood collude with it):
@@ -48,8 +48,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from flwr.supercore import log as flwr_log
 
-from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
 from storefed.atomic_files import atomic_write_text
+from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
 from storefed.server.checkpoint import save_global_model
 from storefed.server.run_log import RunLog
 from storefed.server.run_setup import RunFailed, prepare_run, write_status

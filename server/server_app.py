@@ -22,9 +22,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import RunConfig, ServerRunConfig
 from storefed.config.serialize import from_dict
-from storefed.atomic_files import atomic_write_text
 from storefed.server.checkpoint import save_global_model
 from storefed.server.run_log import RunLog
 from storefed.server.run_setup import RunFailed, check_someone_trained, prepare_run, write_status

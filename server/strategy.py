@@ -9,14 +9,13 @@ strategy sits inside Flower's client-level DP wrapper (privacy/central_dp.py) an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-
-import dataclasses
 
 from storefed.config.schema import FederationConfig, PrivacyConfig, StrategyConfig
 from storefed.privacy.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options

@@ -15,8 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
-from storefed.config.schema import AuditConfig
 from storefed.atomic_files import atomic_write_text
+from storefed.config.schema import AuditConfig
 from storefed.simulations.audit_run import AuditConfigError, AuditPlan, AuditRun, real_histories_of_stores, run_audit
 
 STATEMENT = (
@@ -60,11 +60,11 @@ def _audit_delta(value, default: float) -> float:
 
 def build_plan(cfg: AuditConfig) -> AuditPlan:
     """Validate the composed configuration and build the audit plan (one clear error per problem)."""
-    from storefed.data.sources import generator_config
     from storefed.client.local_training import LocalTrainingConfig
+    from storefed.data.sources import generator_config
+    from storefed.data.virtual_stores import generate_catalog, generate_store
     from storefed.privacy.accounting import check_accountant
     from storefed.privacy.dp_sgd import GRAD_SAMPLE_MODES
-    from storefed.data.virtual_stores import generate_catalog, generate_store
 
     task, privacy, data = cfg.task, dataclasses.asdict(cfg.privacy), cfg.data
     audit = dataclasses.asdict(cfg.audit)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
 from storefed.config.schema import RecommenderConfig
 from storefed.data.schema import Catalog
-from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
 from storefed.models.recommender import CustomerDataset, RecommenderTask, customer_histories, split_leave_last_out
 from storefed.privacy.accounting import epsilon_of, plan_noise_multiplier
 from storefed.privacy.audit import AuditBound, audit_bound

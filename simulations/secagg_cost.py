@@ -27,6 +27,8 @@ from flwr.app import Context, Message
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid, ServerApp
 
+from storefed.config.schema import RunConfig
+
 DEFAULTS = [
     "federation.num_stores=4", "federation.stores_per_round=4", "federation.eval_stores_per_round=4",
     "federation.rounds=3", "task.epochs=1", "data.generator.num_items=1000", "data.generator.mean_customers=60",
@@ -102,9 +104,9 @@ def measure(settings: RunConfig, secure: bool, run_dir: Path) -> dict:
     from flwr.simulation import run_simulation
 
     from storefed.client.client_app import app as client_app
+    from storefed.flower_env import prepare_simulation_environment
     from storefed.server.secure_aggregation import run_secure_federation
     from storefed.server.server_app import run_federation
-    from storefed.flower_env import prepare_simulation_environment
 
     prepare_simulation_environment(run_dir.parent / ".flwr")
     settings = dataclasses.replace(settings, privacy=dataclasses.replace(settings.privacy, secure_aggregation=secure))

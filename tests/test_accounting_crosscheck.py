@@ -51,7 +51,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy import integrate
 
 from storefed.privacy.accounting import epsilon_of, plan_noise_multiplier
-from storefed.privacy.independent_accounting import dp_event_of, dp_accounting_epsilon
+from storefed.privacy.independent_accounting import dp_accounting_epsilon, dp_event_of
 
 TOLERANCE = 0.01
 DELTAS = (1e-5, 1e-6)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import optimize, special, stats
 
-from storefed.privacy.audit import audit_bound, epsilon_lower_bound, guess_by_score, p_value, split_guesses
 from storefed.cli import main
+from storefed.privacy.audit import audit_bound, epsilon_lower_bound, guess_by_score, p_value, split_guesses
 
 
 # -- the bound ----------------------------------------------------------------------------------

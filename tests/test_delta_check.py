@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from test_importers import amazon_records, write_jsonl
 
 from conftest import ROOT
 from storefed.privacy.delta_check import check_merchant_delta, delta_problem
 from storefed.simulations.checks import check_simulation_delta
-from test_importers import amazon_records, write_jsonl
 
 
 def test_delta_problem_names_n_the_unit_and_the_fix():

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from storefed.data.merchant_files import write_catalog, write_merchant_dir
 from conftest import ROOT, SMALL_WORLD
-from storefed.privacy.accounting import epsilon_of
-from storefed.flower_env import flower_env
+from storefed.data.merchant_files import write_catalog, write_merchant_dir
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+from storefed.flower_env import flower_env
+from storefed.privacy.accounting import epsilon_of
 
 MERCHANTS = ("shop-a", "shop-b", "shop-c")
 BIN = Path(sys.executable).parent

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import task_from_dict
 from storefed.client.device import choose_device
 from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
-from conftest import task_from_dict
-from storefed.models.task import build_task
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storefed.data.schema import Catalog, MerchantData
 from storefed.data.importers import (
     RawTable,
     read_amazon_reviews,
@@ -18,6 +17,7 @@ from storefed.data.importers import (
     user_labels,
 )
 from storefed.data.partition import partition_users
+from storefed.data.schema import Catalog, MerchantData
 
 REAL_AMAZON = (
     Path(__file__).resolve().parents[2] / "shared/data/reviews_Musical_Instruments_5.json.gz"

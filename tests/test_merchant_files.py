@@ -1,4 +1,4 @@
-"""Tests for client/merchant_files.py: loading, validating and writing merchant directories."""
+"""Tests for storefed/data/merchant_files.py: loading, validating and writing merchant directories."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews, empty_interactions
 from storefed.data.merchant_files import (
     SCHEMA_VERSION,
     MerchantDataError,
@@ -18,6 +17,7 @@ from storefed.data.merchant_files import (
     write_catalog,
     write_merchant_dir,
 )
+from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews, empty_interactions
 
 CATALOG = Catalog(
     item_ids=("A", "B", "C", "item,4"),

@@ -6,10 +6,10 @@ import pytest
 from flwr.app import ArrayRecord
 from opacus.accountants import RDPAccountant
 
+from conftest import base_settings, node_context, round_config, train_message, with_privacy
 from storefed.client import client_app
 from storefed.config.schema import RecommenderConfig
 from storefed.data.sources import coordinator_catalog, load_simulated
-from conftest import base_settings, node_context, round_config, train_message, with_privacy
 from storefed.models.task import build_task
 from storefed.privacy.dp_sgd import plan_sampling
 from storefed.server.screening import screen_train_replies

@@ -12,11 +12,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from conftest import ROOT
+from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 from storefed.models.hashing_tokenizer import HashingTokenizer
 from storefed.models.recommender import CustomerDataset, rank_of_targets, ranking_metrics, split_leave_last_out
 from storefed.models.review import classification_metrics, review_labels
 from storefed.server.screening import screen_train_replies
-from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 
 def test_ranking_metrics_numbers():

@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from storefed.data.schema import Interactions, MerchantData
-from storefed.models.recommender import PAD, customer_histories
 from conftest import task_from_dict
-from storefed.models.task import build_task
+from storefed.data.schema import Interactions, MerchantData
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
+from storefed.models.recommender import PAD, customer_histories
 
 LONG_HISTORY = 300
 

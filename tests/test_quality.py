@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
 
+from storefed.config import compose
 from storefed.data.sources import coordinator_catalog, load_simulated
-from storefed.models.recommender import customer_histories, evaluate_scores, pad_history, popularity_scorer, split_leave_last_out
+from storefed.models.recommender import (
+    customer_histories,
+    evaluate_scores,
+    pad_history,
+    popularity_scorer,
+    split_leave_last_out,
+)
 from storefed.models.task import build_task
 from storefed.server.checkpoint import load_global_model
-from storefed.config import compose
 from storefed.simulations.runner import simulate
 
 

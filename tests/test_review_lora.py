@@ -28,8 +28,6 @@ pytest.importorskip("transformers")
 
 from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local  # noqa: E402
 from storefed.config.schema import ReviewConfig
-from storefed.models.review import ReviewTask, review_labels  # noqa: E402
-from storefed.privacy.dp_sgd import unwrap  # noqa: E402
 from storefed.data.virtual_stores import (  # noqa: E402
     NEGATIVE_WORDS,
     NEUTRAL_WORDS,
@@ -38,6 +36,8 @@ from storefed.data.virtual_stores import (  # noqa: E402
     generate_catalog,
     generate_store,
 )
+from storefed.models.review import ReviewTask, review_labels  # noqa: E402
+from storefed.privacy.dp_sgd import unwrap  # noqa: E402
 
 WORLD = StoreGeneratorConfig(seed=0, review_probability=1.0, mean_customers=200)
 PUBLIC_WORLD = dataclasses.replace(WORLD, seed=1)  # the "public" pre-training corpus: another world

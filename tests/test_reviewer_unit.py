@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from storefed.data.schema import MerchantData, Reviews
-from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
 from conftest import task_from_dict
-from storefed.models.task import build_task
+from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 GEN = StoreGeneratorConfig(num_items=100, mean_customers=40, review_probability=0.6)

@@ -2,7 +2,7 @@
 dropouts up to the reconstruction threshold are tolerated, beyond it the run fails with the reason.
 
 Most tests drive the real ServerApp run (``run_secure_federation``) and the real ClientApp
-(``client.client_app:app``) through an in-process Grid, which also injects the dropouts (test-only:
+(``storefed.client.client_app:app``) through an in-process Grid, which also injects the dropouts (test-only:
 no fault hook in production code). One test runs ``storefed simulate`` with Ray, as users do.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +24,12 @@ from flwr.common import bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
 
-from storefed.client import client_app
 from conftest import SMALL_WORLD, base_settings, node_context, round_config, train_message
-from storefed.server.checkpoint import load_global_model
-from storefed.server.secure_aggregation import run_secure_federation, secagg_options
+from storefed.client import client_app
 from storefed.config.schema import FederationConfig, PrivacyConfig
+from storefed.server.checkpoint import load_global_model
 from storefed.server.run_setup import RunFailed
+from storefed.server.secure_aggregation import run_secure_federation, secagg_options
 
 flower_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")  # the package shadows it
 NODE_BASE = 1000  # node id of partition p is NODE_BASE + p

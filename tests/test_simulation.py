@@ -7,9 +7,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
 
 from conftest import ROOT, SMALL_WORLD
 from storefed.privacy.accounting import epsilon_of

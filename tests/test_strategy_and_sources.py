@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import gzip
 import json
 
@@ -12,11 +11,10 @@ import torch
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from conftest import task_from_dict
+from storefed.client.local_training import LocalTrainingConfig, train_local
 from storefed.config.schema import FedAdamConfig, FedAvgConfig, FederationConfig, FedProxConfig, ImportedDataConfig
 from storefed.data.sources import coordinator_catalog, load_simulated
-from storefed.client.local_training import LocalTrainingConfig, train_local
-from conftest import task_from_dict
-from storefed.models.task import build_task
 from storefed.server.strategy import aggregate_train_metrics, build_strategy
 
 FEDERATION = FederationConfig(num_stores=10, stores_per_round=4, eval_stores_per_round=5)
@@ -88,8 +86,8 @@ def test_storefed_import_writes_loadable_merchant_directories(tmp_path):
     import subprocess
     import sys
 
+    from conftest import ROOT
     from storefed.data.merchant_files import load_catalog, load_merchant_dir
-    from conftest import ROOT, task_from_dict
 
     source = tmp_path / "u.data"
     source.write_text("".join(f"{u}\t{(u * 3 + k) % 11 + 1}\t{1 + k % 5}\t{880000000 + k}\n" for u in range(1, 9) for k in range(5)))

@@ -2,7 +2,7 @@
 
     storefed evaluate task=recommender data=amazon evaluate.num_merchants=[10,50] evaluate.seeds=[0,1,2]
 
-For every cell (K merchants x partition x seed) of the grid in ``conf/evaluate.yaml``, every
+For every cell (K merchants x partition x seed) of the grid of ``storefed.config.schema.EvaluateSettings``, every
 method (``grid.METHODS``) is trained and scored on the same partition and the same held-out
 split; results go to ``<run_dir>/results.{json,csv,md}`` (rewritten after each cell) and
 ``privacy_utility.png``. Exit status: 0 done, 2 configuration error (one line on stderr).
@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from storefed.data.sources import load_simulated
+from storefed.atomic_files import atomic_write_text
 from storefed.client.device import choose_device
 from storefed.client.local_training import local_training_config
-from storefed.models.task import build_task
-from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import EvaluateConfig
 from storefed.config.serialize import to_dict
+from storefed.data.sources import load_simulated
+from storefed.models.task import build_task
 from storefed.simulations.evaluation import methods
 from storefed.simulations.evaluation.federated import global_model, run_federated
 from storefed.simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings
@@ -36,7 +36,7 @@ from storefed.simulations.evaluation.plot import privacy_utility_plot
 from storefed.simulations.evaluation.report import summarize, write_results
 
 FEDERATED_PATH = (
-    "in-process federation: client.client_app.train per merchant (train_local, ledger, auto noise planning) "
+    "in-process federation: storefed.client.client_app.train per merchant (train_local, ledger, auto noise planning) "
     "+ server.strategy screening and Flower FedAvg/FedProx.aggregate_train; no Ray"
 )
 LOCAL_BASELINE_PREFIX = {"recommender": "local_pop_", "review": "local_majority_"}

@@ -1,6 +1,6 @@
 """Federated training for `storefed evaluate`: the real ClientApp and strategy, in one process.
 
-Per round, each sampled merchant's reply comes from ``client.client_app.train`` — the very
+Per round, each sampled merchant's reply comes from ``storefed.client.client_app.train`` — the very
 function Flower calls in `storefed simulate` and in deployment (same data loading, same
 ``train_local``, same ledger, same noise planning with ``noise_multiplier=auto``, same refusals)
 — on a Flower ``Message`` built as the Simulation Engine builds it. The replies go through

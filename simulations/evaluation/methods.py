@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
-from storefed.data.schema import MerchantData
 from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
+from storefed.data.schema import MerchantData
 from storefed.models.recommender import customer_histories, evaluate_scores, popularity_scorer, split_leave_last_out
 from storefed.models.review import classification_metrics
 from storefed.models.task import Task

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from storefed.config.schema import DataConfig, ImportedDataConfig
-from storefed.data.sources import load_simulated
 from storefed.data.merchant_files import summarize, write_catalog, write_merchant_dir
+from storefed.data.sources import load_simulated
 
 
 def convert_to_merchant_dirs(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews, empty_reviews
 from storefed.data.partition import partition_users
+from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews, empty_reviews
 
 GZIP_MAGIC = b"\x1f\x8b"
 LABELS = ("category", "item")
