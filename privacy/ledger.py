@@ -18,6 +18,8 @@ from pathlib import Path
 
 from storefed.atomic_files import atomic_write_text
 from storefed.privacy.accounting import HistoryEntry, check_accountant, epsilon_of
+from storefed.privacy.skellam import SkellamPlan, share_only
+from storefed.privacy.skellam import epsilon as skellam_epsilon
 
 LEDGER_SCHEMA = 1
 
@@ -36,6 +38,29 @@ class RoundRecord:
     epsilon_round: float
     epsilon_total: float
     time: float
+    # "gaussian": local DP-SGD steps (Opacus). "skellam": one distributed round, accounted at the
+    # population level (privacy/skellam.py); ``skellam`` holds its public SkellamPlan.
+    mechanism: str = "gaussian"
+    skellam: dict | None = None
+    # distributed rounds: epsilon of this merchant's own noise shares alone, composed over its rounds,
+    # the guarantee left against a coordinator that broke secure aggregation (labelled, never mixed)
+    epsilon_own_share_total: float | None = None
+
+
+def records_epsilon(records: list[RoundRecord], delta: float, accountant: str) -> float:
+    """Epsilon of every stored round composed (local steps and distributed rounds together)."""
+    gaussian = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.mechanism == "gaussian"]
+    distributed = [(SkellamPlan(**r.skellam), r.sample_rate, r.steps) for r in records if r.mechanism == "skellam"]
+    if not distributed:
+        return epsilon_of(gaussian, delta, accountant)
+    return skellam_epsilon(distributed, delta, gaussian)
+
+
+def own_share_epsilon(records: list[RoundRecord], delta: float) -> float:
+    """Epsilon of the merchant's own distributed shares alone (plus its local steps), composed."""
+    gaussian = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.mechanism == "gaussian"]
+    shares = [(share_only(SkellamPlan(**r.skellam)), r.sample_rate, r.steps) for r in records if r.mechanism == "skellam"]
+    return skellam_epsilon(shares, delta, gaussian) if shares else epsilon_of(gaussian, delta, "rdp")
 
 
 @dataclass
@@ -56,11 +81,15 @@ class PrivacyLedger:
 
     @property
     def epsilon_spent(self) -> float:
-        return epsilon_of(self.history, self.delta, self.accountant)
+        return records_epsilon(self.rounds, self.delta, self.accountant)
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Total epsilon if one more round with these parameters were taken."""
-        return epsilon_of(self.history + [(noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
+        """Total epsilon if one more local round with these parameters were taken."""
+        return records_epsilon(self.rounds + [_gaussian(noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
+
+    def epsilon_after_distributed(self, plan: SkellamPlan, sample_rate: float) -> float:
+        """Total epsilon if one more distributed round (population-level) were taken."""
+        return records_epsilon(self.rounds + [_distributed(plan, sample_rate)], self.delta, self.accountant)
 
     def guarantee(self) -> str:
         return (
@@ -76,6 +105,21 @@ class PrivacyLedger:
         before = self.epsilon_spent
         after = self.epsilon_after(noise_multiplier, sample_rate, steps)
         record = RoundRecord(run_id, server_round, noise_multiplier, sample_rate, steps, after - before, after, time.time())
+        self.rounds.append(record)
+        try:
+            self.save()
+        except BaseException:
+            self.rounds.pop()
+            raise
+        return record
+
+    def record_distributed_round(self, run_id: str, server_round: int, plan: SkellamPlan, sample_rate: float) -> RoundRecord:
+        """Append one distributed round (population-level epsilon) and persist before the share is released."""
+        before = self.epsilon_spent
+        record = _distributed(plan, sample_rate, run_id, server_round)
+        record.epsilon_total = records_epsilon(self.rounds + [record], self.delta, self.accountant)
+        record.epsilon_round = record.epsilon_total - before
+        record.epsilon_own_share_total = own_share_epsilon(self.rounds + [record], self.delta)
         self.rounds.append(record)
         try:
             self.save()
@@ -133,6 +177,15 @@ def open_ledger(
             "Use the ledger's settings, or a new ledger directory for a separate guarantee."
         )
     return PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget, rounds)
+
+
+def _gaussian(noise_multiplier: float, sample_rate: float, steps: int) -> RoundRecord:
+    return RoundRecord("", 0, noise_multiplier, sample_rate, steps, 0.0, 0.0, 0.0)
+
+
+def _distributed(plan: SkellamPlan, sample_rate: float, run_id: str = "", server_round: int = 0) -> RoundRecord:
+    return RoundRecord(run_id, server_round, plan.noise_multiplier, sample_rate, 1, 0.0, 0.0, time.time(),
+                       mechanism="skellam", skellam=asdict(plan))
 
 
 def _safe(name: str) -> str:

@@ -1,7 +1,7 @@
 """What a merchant has spent: one status line per (merchant, task) ledger in a directory.
 
 Epsilon is always recomputed from the stored rounds (the full accountant history) with
-``privacy.accounting.epsilon_of``; the ``epsilon_spent`` field cached in the file is only
+``privacy.ledger.records_epsilon`` (local steps and distributed rounds composed); the ``epsilon_spent`` field cached in the file is only
 compared against, never reported as the spend. A file that cannot be read raises
 ``LedgerError`` (a ``ValueError``) naming it: a ledger is the record of privacy already
 spent, so a broken one must be restored, not skipped.
@@ -13,8 +13,8 @@ import json
 import math
 from pathlib import Path
 
-from storefed.privacy.accounting import check_accountant, epsilon_of
-from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord
+from storefed.privacy.accounting import check_accountant
+from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord, records_epsilon
 
 LEDGER_GLOB = "*.ledger.json"
 
@@ -44,8 +44,7 @@ def _row(path: Path) -> dict:
         accountant = check_accountant(payload["accountant"])
         cached = payload.get("epsilon_spent")
         cached = None if cached is None else float(cached)
-        history = [(float(r.noise_multiplier), float(r.sample_rate), int(r.steps)) for r in rounds]
-        spent = epsilon_of(history, delta, accountant)
+        spent = records_epsilon(rounds, delta, accountant)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise LedgerError(
             f"privacy ledger {path} is unreadable ({exc}); it is the record of privacy already spent: "

@@ -25,8 +25,11 @@ Hand-written because neither Opacus nor dp-accounting implements the Skellam mec
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -115,18 +118,59 @@ def subsampled_rdp(order: int, q: float, rdp_of) -> float:
     return (top + math.log(sum(math.exp(t - top) for t in terms))) / (a - 1)
 
 
+@lru_cache(maxsize=1024)
 def rdp_curve(plan: SkellamPlan, q: float, orders: tuple[int, ...] = ORDERS) -> np.ndarray:
     """Per-round RDP at each order for the aggregate of ``min_survivors`` shares, units sampled at ``q``."""
     mu, d1, d2 = plan.mu, plan.delta1, plan.delta2
     return np.array([subsampled_rdp(a, q, lambda b: skellam_rdp(b, mu, d1, d2)) for a in orders])
 
 
-def epsilon(rounds: list[tuple[SkellamPlan, float, int]], delta: float, orders: tuple[int, ...] = ORDERS) -> float:
-    """(epsilon, delta) after composing ``(plan, q, steps)`` entries (RDP adds up), Opacus' conversion."""
-    from opacus.accountants.analysis.rdp import get_privacy_spent
+def share_only(plan: SkellamPlan) -> SkellamPlan:
+    """The same round seen through one merchant's share alone (secure aggregation broken): Sk(mu / n_min)."""
+    return dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / math.sqrt(plan.min_survivors),
+                               min_survivors=1)
 
-    if not rounds:
+
+def epsilon(
+    rounds: list[tuple[SkellamPlan, float, int]],
+    delta: float,
+    gaussian: list[tuple[float, float, int]] = (),
+    orders: tuple[int, ...] = ORDERS,
+) -> float:
+    """(epsilon, delta) after composing Skellam ``(plan, q, steps)`` rounds and Poisson-subsampled Gaussian
+    ``(noise_multiplier, q, steps)`` steps (local DP-SGD), RDP added per order, Opacus' conversion."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    if not rounds and not gaussian:
         return 0.0
-    total = sum(steps * rdp_curve(plan, q, orders) for plan, q, steps in rounds)
-    eps, _ = get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
+    total = np.zeros(len(orders))
+    for plan, q, steps in rounds:
+        total += steps * rdp_curve(plan, float(q), orders)
+    for sigma, q, steps in gaussian:
+        total += steps * np.asarray(compute_rdp(q=float(q), noise_multiplier=float(sigma), steps=1, orders=list(orders)))
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid
+        warnings.simplefilter("ignore", UserWarning)
+        eps, _ = get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
     return float(eps)
+
+
+def plan_noise(
+    budget: float, delta: float, q: float, rounds: int, dim: int, clip: float, noise_shares: int,
+    rounding_overhead: float = 0.01, spent: list[tuple[SkellamPlan, float, int]] = (),
+) -> SkellamPlan:
+    """The plan with the smallest noise multiplier (1%-spaced grid) such that ``rounds`` more rounds fit."""
+    gamma = choose_gamma(dim, clip, rounding_overhead)
+
+    def plan(k: int) -> SkellamPlan:
+        return SkellamPlan(dim, clip, round(0.3 * 1.01**k, 6), gamma, noise_shares)
+
+    def fits(k: int) -> bool:
+        return epsilon(list(spent) + [(plan(k), q, rounds)], delta) <= budget
+
+    low, high = 0, 749
+    if not fits(high):
+        raise ValueError(f"no noise multiplier fits {rounds} distributed round(s) into epsilon {budget:g}")
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid + 1, high)
+    return plan(low)
