@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,3 +101,33 @@ def make_private(
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside an Opacus wrapper (weights without the ``_module.`` prefix)."""
     return getattr(model, "_module", model)
+
+
+def clipped_gradient_sum(
+    model: nn.Module,
+    loss_of: Callable[[nn.Module], torch.Tensor],
+    max_grad_norm: float,
+) -> list[torch.Tensor]:
+    """The sum over a batch of each DP unit's gradient clipped to L2 norm ``max_grad_norm``, no noise.
+
+    For distributed DP (privacy/skellam.py): the merchant adds only its integer noise share after
+    this. ``loss_of(module)`` returns the *sum* of the batch's per-unit losses. Per-sample gradients and
+    clipping are Opacus' (``GradSampleModule`` + ``DPOptimizer.clip_and_accumulate``). Returns one tensor
+    per trainable parameter, in ``model.parameters()`` order; ``model`` is left unwrapped.
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    optimizer = DPOptimizer(torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+                            expected_batch_size=1, loss_reduction="sum")
+    try:
+        optimizer.zero_grad(set_to_none=True)
+        loss_of(wrapped).backward()
+        optimizer.clip_and_accumulate()
+        sums = [p.summed_grad.detach().clone() for p in params]
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        wrapped._close()
+    return sums

@@ -21,6 +21,7 @@ from storefed.config.validate import noise_multiplier_value
 from storefed.data.schema import Catalog
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import Task, build_task
+from storefed.privacy.skellam import SkellamPlan
 from storefed.wire import MerchantPrivacy, RoundConfig
 
 
@@ -74,6 +75,7 @@ class RunSetup:
     catalog: Catalog
     task: Task
     shared: dict[str, torch.Tensor]  # in task order
+    skellam: SkellamPlan | None = None  # privacy.mode=distributed: the public plan of every round
 
     @property
     def expected(self) -> dict[str, tuple[int, ...]]:
@@ -88,7 +90,13 @@ def prepare_run(settings: RunConfig, run_dir: Path) -> RunSetup:
     task = build_task(settings.task, catalog, seed=settings.seed, privacy_unit=settings.privacy.unit)
     model = task.build_model()
     state = model.state_dict()
-    return RunSetup(to_clients, catalog, task, {k: state[k] for k in task.shared_keys(model)})
+    shared = {k: state[k] for k in task.shared_keys(model)}
+    if settings.privacy.mode != "distributed":
+        return RunSetup(to_clients, catalog, task, shared)
+    from storefed.server.distributed_dp import distributed_plan, sample_rate, with_plan
+
+    plan = distributed_plan(settings, sum(v.numel() for v in shared.values()))
+    return RunSetup(with_plan(to_clients, plan, sample_rate(settings)), catalog, task, shared, plan)
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None, detail: str | None = None) -> None:

@@ -44,6 +44,11 @@ class MerchantPrivacy:
     accountant: str = "rdp"
     grad_sample_mode: str = "ghost"
     ledger_dir: Optional[str] = None  # simulation: the run's ledgers/ dir; deployment: node config
+    # privacy.mode=distributed (privacy/skellam.py): the round's public Skellam plan
+    mode: str = "local"  # local | distributed
+    sample_rate: Optional[float] = None  # distributed: every unit's Poisson rate q
+    gamma: Optional[float] = None  # distributed: integer units per model unit
+    noise_shares: Optional[int] = None  # distributed: shares the noise is split into (survivors - colluders)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ import yaml
 from storefed.atomic_files import atomic_write_text
 from storefed.client.device import choose_device
 from storefed.client.local_training import local_training_config
+from storefed.privacy.dp_sgd import plan_sampling
 from storefed.config.schema import EvaluateConfig
 from storefed.config.serialize import to_dict
 from storefed.data.sources import load_simulated
 from storefed.models.task import build_task
 from storefed.simulations.evaluation import methods
-from storefed.simulations.evaluation.federated import global_model, run_federated
+from storefed.simulations.evaluation.federated import global_model, run_distributed, run_federated
 from storefed.simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings
 from storefed.simulations.evaluation.plot import privacy_utility_plot
 from storefed.simulations.evaluation.report import summarize, write_results
@@ -193,6 +194,18 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
                 add(method, model_metrics(metrics), time.time() - t0, epsilon, info)
             elif method == "local":
                 add(method, model_metrics(methods.local_only(task, merchants, local_cfg, spec.rounds, device)), time.time() - t0)
+            elif method == "federated_dp_distributed":
+                dist = distributed_settings(base, merchants, task, local_cfg, spec, epsilon)
+                name = f"{method}-eps{epsilon:g}"
+                result = run_distributed(dist, cell_dir / name)
+                fed_task, model = global_model(dist, cell_dir / name, result.state)
+                metrics = model_metrics(methods.evaluate_model(fed_task, model, merchants, device))
+                spent = result.epsilon_by_merchant.values()
+                info = {"trained_updates": result.trained, "refused": result.refused,
+                        "epsilon_spent": max(spent) if spent else 0.0, "rounds": dist.federation.rounds,
+                        "sample_rate": dist.privacy.sample_rate, "noise_multiplier": result.noise_multipliers[0],
+                        "mode": "distributed (Skellam shares, one DP-SGD step per round over all merchants' units)"}
+                add(method, metrics, time.time() - t0, epsilon, info)
             else:  # federated, federated_dp
                 fed = dataclasses.replace(base, privacy=dataclasses.replace(
                     privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf")))
@@ -215,6 +228,21 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
     (cell_dir / "rows.json").parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cell_dir / "rows.json", json.dumps(rows, indent=2, default=str))
     return rows
+
+
+def distributed_settings(base, merchants, task, local_cfg, spec: EvalSpec, epsilon: float):
+    """The distributed run of a cell: every merchant each round, the per-unit rate and step count of
+    centralized DP-SGD on the pooled units (same model, optimizer, epsilon and delta), noise planned
+    over all rounds."""
+    units = sum(len(task.train_dataset(m)) for m in merchants)
+    plan = plan_sampling(units, local_cfg.batch_size, local_cfg.epochs * spec.rounds)
+    k = base.federation.num_stores
+    privacy = dataclasses.replace(
+        base.privacy, enabled=True, epsilon=epsilon, mode="distributed", sample_rate=plan.sample_rate,
+        noise_multiplier="auto", planned_rounds=plan.steps, min_survivors=None, grad_sample_mode="hooks",
+    )
+    federation = dataclasses.replace(base.federation, stores_per_round=k, eval_stores_per_round=k, rounds=plan.steps)
+    return dataclasses.replace(base, privacy=privacy, federation=federation)
 
 
 def machine_description(threads: int) -> str:

@@ -24,10 +24,12 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from storefed.client import client_app
+from storefed.client.distributed_round import distributed_share
 from storefed.config.schema import RunConfig
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import build_task
 from storefed.server.run_setup import prepare_run
+from storefed.server.distributed_dp import DistributedUpdate
 from storefed.server.strategy import build_strategy
 from storefed.wire import PROXIMAL_MU, SERVER_ROUND
 
@@ -106,6 +108,42 @@ def run_federated(settings: RunConfig, run_dir: Path) -> FederatedResult:
             if aggregated is not None:
                 arrays = aggregated
     result.state = arrays.to_torch_state_dict()
+    return result
+
+
+def run_distributed(settings: RunConfig, run_dir: Path) -> FederatedResult:
+    """``privacy.mode=distributed`` in one process: every round, every merchant's integer message
+    (``client/distributed_round.distributed_share``, the code a merchant runs) is summed and the
+    coordinator's ``DistributedUpdate`` takes one step. Only the transport differs from a SecAgg+ run:
+    the integer messages are summed directly (SecAgg+ carries them exactly: tests/test_distributed_dp.py)."""
+    setup = prepare_run(settings, run_dir)
+    plan, to_clients = setup.skellam, setup.to_clients
+    federation = settings.federation
+    update = DistributedUpdate(setup.shared, plan, float(to_clients.privacy.sample_rate), settings.task.optimizer,
+                               settings.task.lr)
+    state = {k: v.clone() for k, v in setup.shared.items()}
+    result = FederatedResult(state={}, planned_rounds=settings.privacy.planned_rounds or federation.rounds)
+    rng = np.random.default_rng(settings.seed)
+    quiet = logging.getLogger("flwr")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        for server_round in range(1, federation.rounds + 1):
+            sampled = np.arange(federation.num_stores) if federation.stores_per_round >= federation.num_stores else \
+                np.sort(rng.choice(federation.num_stores, federation.stores_per_round, replace=False))
+            shares = [distributed_share(to_clients, state, server_round, {"partition-id": int(p)}) for p in sampled]
+            total = np.sum([s.message for s in shares], axis=0)
+            state = update.step(total, int(sum(s.metrics["num-examples"] for s in shares)))
+            for p, share in zip(sampled, shares):
+                if share.metrics["refused"]:
+                    result.refused += 1
+                else:
+                    result.trained += 1
+                    result.epsilon_by_merchant[f"merchant-{int(p):03d}"] = float(share.metrics["epsilon_total"])
+    finally:
+        quiet.setLevel(level)
+    result.noise_multipliers = [plan.noise_multiplier]
+    result.state = state
     return result
 
 

@@ -18,13 +18,14 @@ from storefed.data.partition import SCHEMES
 
 # Methods per task, in report order. "*_dp" methods run once per epsilon.
 RECOMMENDER_METHODS = (
-    "popularity", "centralized", "centralized_dp", "local", "federated", "federated_dp",
+    "popularity", "centralized", "centralized_dp", "local", "federated", "federated_dp", "federated_dp_distributed",
 )
 REVIEW_METHODS = (
     "majority", "tfidf_logreg", "centralized", "centralized_dp", "local", "federated", "federated_dp",
+    "federated_dp_distributed",
 )
 METHODS = {"recommender": RECOMMENDER_METHODS, "review": REVIEW_METHODS}
-DP_METHODS = ("centralized_dp", "federated_dp")
+DP_METHODS = ("centralized_dp", "federated_dp", "federated_dp_distributed")
 STRATEGIES = ("fedavg", "fedprox")  # strategies whose aggregation needs no server-side state
 
 

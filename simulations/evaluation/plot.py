@@ -14,7 +14,8 @@ from pathlib import Path
 from storefed.atomic_files import atomic_write_bytes
 from storefed.simulations.evaluation.report import METHOD_LABELS, PRIMARY
 
-CURVES = {"federated_dp": ("tab:blue", "o"), "centralized_dp": ("tab:orange", "s")}
+CURVES = {"federated_dp": ("tab:blue", "o"), "centralized_dp": ("tab:orange", "s"),
+          "federated_dp_distributed": ("tab:green", "^")}
 LEVELS = {
     "centralized": ("tab:red", "-"),
     "federated": ("tab:purple", "-."),

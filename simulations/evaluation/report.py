@@ -32,7 +32,8 @@ METHOD_LABELS = {
     "centralized_dp": "centralized DP",
     "local": "local-only (each merchant alone, non-private)",
     "federated": "federated, non-private",
-    "federated_dp": "federated DP",
+    "federated_dp": "federated DP, local mode (noise at each merchant)",
+    "federated_dp_distributed": "federated DP, distributed mode (Skellam shares, secure sum)",
 }
 
 

@@ -75,6 +75,13 @@ class PrivacyConfig:
     accountant: str = "rdp"  # rdp | prv (Opacus accountants)
     grad_sample_mode: str = "ghost"  # ghost | hooks
     ledger_dir: Optional[str] = None  # default: <run_dir>/ledgers
+    # local: each merchant's update is DP on its own. distributed: each round is ONE DP-SGD step over the
+    # union of the merchants' units, merchants add integer Skellam noise shares, secure aggregation sums them
+    mode: str = "local"  # local | distributed
+    sample_rate: Optional[float] = None  # distributed: public per-unit Poisson rate q (null: 0.05)
+    min_survivors: Optional[int] = None  # distributed: merchants whose shares must reach the sum (null: all sampled)
+    colluders: int = 0  # distributed: merchants that may pool their shares' noise knowledge with the coordinator
+    rounding_overhead: float = 0.01  # distributed: sensitivity inflation allowed for integer rounding
     # Client-level central DP (Flower's DP strategy wrappers): unit = one merchant's whole update.
     central: str = "none"  # none | fixed | adaptive
     central_noise_multiplier: float = 1.0

@@ -111,6 +111,9 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
 def _privacy(privacy: s.PrivacyConfig, cfg: Any) -> None:
     _choice("privacy.unit", privacy.unit, (None, "user", "customer", "review", "reviewer"))
     _choice("privacy.central", privacy.central, CENTRAL_MODES)
+    _choice("privacy.mode", privacy.mode, ("local", "distributed"))
+    if privacy.mode == "distributed":
+        _distributed(privacy, cfg)
     if privacy.enabled:
         _positive("privacy.epsilon", privacy.epsilon)
         _open_unit("privacy.delta", privacy.delta)
@@ -137,6 +140,30 @@ def _privacy(privacy: s.PrivacyConfig, cfg: Any) -> None:
         _positive("privacy.secagg_max_weight", privacy.secagg_max_weight)
         if privacy.secagg_timeout_s is not None:
             _positive("privacy.secagg_timeout_s", privacy.secagg_timeout_s)
+
+
+def _distributed(privacy: s.PrivacyConfig, cfg: Any) -> None:
+    if not privacy.enabled:
+        _fail("privacy.mode", "distributed", "needs privacy=dp (distributed DP is a DP mechanism)")
+    if privacy.central != "none":
+        _fail("privacy.central", privacy.central, "must be none with privacy.mode=distributed (the noise is added "
+              "by the merchants; client-level central DP needs individual updates)")
+    if privacy.accountant != "rdp":
+        _fail("privacy.accountant", privacy.accountant, "must be rdp with privacy.mode=distributed (Skellam RDP)")
+    if privacy.sample_rate is not None and not 0 < privacy.sample_rate <= 1:
+        _fail("privacy.sample_rate", privacy.sample_rate, "must lie in (0, 1]")
+    if not 0 < privacy.rounding_overhead <= 0.5:
+        _fail("privacy.rounding_overhead", privacy.rounding_overhead, "must lie in (0, 0.5]")
+    if privacy.colluders < 0:
+        _fail("privacy.colluders", privacy.colluders, "must be an integer >= 0")
+    federation = getattr(cfg, "federation", None)
+    if federation is not None:
+        survivors = privacy.min_survivors or federation.stores_per_round
+        if not 1 <= survivors <= federation.stores_per_round:
+            _fail("privacy.min_survivors", privacy.min_survivors,
+                  f"must lie in 1..federation.stores_per_round={federation.stores_per_round}")
+        if survivors - privacy.colluders < 1:
+            _fail("privacy.colluders", privacy.colluders, f"must be below privacy.min_survivors={survivors}")
 
 
 def _federation(federation: s.FederationConfig, cfg: Any) -> None:

@@ -1,0 +1,85 @@
+"""The coordinator's side of distributed DP (``privacy.mode=distributed``): the public plan and the update.
+
+Per round the coordinator only ever sees the secure-aggregation **sum** of the merchants' integer
+messages (client/distributed_round.py): the sum of all sampled units' clipped gradients plus Skellam
+noise of variance at least ``(sigma * Delta_2)^2``. It decodes the sum, divides by a **fixed** expected
+batch size ``q * N`` (N = the units the contributing merchants hold, from the sizes they report, never
+the realized sample count) and takes one server-optimizer step (SGD with momentum or Adam:
+post-processing, no privacy cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from storefed.config.schema import RunConfig
+from storefed.config.validate import noise_multiplier_value
+from storefed.privacy.skellam import SkellamPlan, choose_gamma, decode, plan_noise
+
+DEFAULT_SAMPLE_RATE = 0.05
+
+
+def sample_rate(settings: RunConfig) -> float:
+    return float(settings.privacy.sample_rate or DEFAULT_SAMPLE_RATE)
+
+
+def noise_shares(settings: RunConfig) -> int:
+    """Shares the noise is split into: merchants that must survive minus those that may collude."""
+    survivors = settings.privacy.min_survivors or settings.federation.stores_per_round
+    return survivors - settings.privacy.colluders
+
+
+def distributed_plan(settings: RunConfig, dim: int) -> SkellamPlan:
+    """The public Skellam plan of every round: noise planned so the planned rounds fit ``privacy.epsilon``."""
+    privacy = settings.privacy
+    noise = noise_multiplier_value(privacy.noise_multiplier)
+    if noise is not None:
+        gamma = choose_gamma(dim, privacy.max_grad_norm, privacy.rounding_overhead)
+        return SkellamPlan(dim, privacy.max_grad_norm, noise, gamma, noise_shares(settings))
+    rounds = privacy.planned_rounds or settings.federation.rounds
+    return plan_noise(privacy.epsilon, privacy.delta, sample_rate(settings), rounds, dim, privacy.max_grad_norm,
+                      noise_shares(settings), privacy.rounding_overhead)
+
+
+class DistributedUpdate:
+    """Global model <- server optimizer step on (decoded noisy sum) / (q * N)."""
+
+    def __init__(self, shared: dict[str, torch.Tensor], plan: SkellamPlan, q: float, optimizer: str, lr: float) -> None:
+        self.plan, self.q = plan, q
+        self.names = list(shared)
+        self.params = [torch.nn.Parameter(shared[n].detach().clone().double()) for n in self.names]
+        self.dtypes = {n: shared[n].dtype for n in self.names}
+        if optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.params, lr=lr)
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=0.9)
+        else:
+            raise ValueError(f"task.optimizer={optimizer!r} is unknown: choose adam or sgd")
+
+    def step(self, integer_sum: np.ndarray, population: int) -> dict[str, torch.Tensor]:
+        """Apply one round's released sum; ``population`` = units held by the contributing merchants."""
+        if population < 1:
+            raise ValueError("distributed round: the contributing merchants report no units")
+        gradient = torch.from_numpy(decode(integer_sum, self.plan) / (self.q * population))
+        offset = 0
+        for p in self.params:
+            p.grad = gradient[offset: offset + p.numel()].reshape(p.shape).clone()
+            offset += p.numel()
+        if offset != gradient.numel():
+            raise ValueError(f"distributed round: the sum has {gradient.numel()} values, the model {offset}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.state()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().to(self.dtypes[n]).clone() for n, p in zip(self.names, self.params)}
+
+
+def with_plan(to_clients, plan: SkellamPlan, q: float):
+    """The merchants' round config carrying the public plan."""
+    privacy = dataclasses.replace(to_clients.privacy, mode="distributed", sample_rate=q, gamma=plan.gamma,
+                                  noise_shares=plan.min_survivors, noise_multiplier=plan.noise_multiplier)
+    return dataclasses.replace(to_clients, privacy=privacy)

@@ -1,0 +1,193 @@
+"""Distributed DP (privacy.mode=distributed): integers, noise shares, accounting, the merchant's share."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from scipy import stats
+
+from conftest import base_settings, round_config
+from storefed.client.distributed_round import distributed_share, unit_losses
+from storefed.privacy import skellam as sk
+from storefed.privacy.dp_sgd import clipped_gradient_sum
+from storefed.privacy.ledger import open_ledger
+from storefed.server.run_setup import prepare_run
+
+
+def _plan(dim: int = 40, sigma: float = 1.0, shares: int = 5, clip: float = 1.0) -> sk.SkellamPlan:
+    return sk.SkellamPlan(dim, clip, sigma, sk.choose_gamma(dim, clip), shares)
+
+
+def _clipped_sums(rng, merchants: int, dim: int, units: int, clip: float) -> list[np.ndarray]:
+    sums = []
+    for _ in range(merchants):
+        g = rng.normal(size=(units, dim))
+        g *= np.minimum(1.0, clip / np.linalg.norm(g, axis=1, keepdims=True))
+        sums.append(g.sum(0))
+    return sums
+
+
+def test_the_integer_sum_is_the_clipped_sum_plus_noise_of_variance_sigma2_delta2():
+    rng = np.random.default_rng(0)
+    plan = _plan()
+    sums = _clipped_sums(rng, 5, plan.dim, 7, plan.clip)
+    signal = sum(np.rint(plan.gamma * s).astype(np.int64) for s in sums)
+    draws = np.stack([sum(sk.encode(s, plan, rng) for s in sums) for _ in range(400)])
+    assert draws.dtype == np.int64
+    noise = (draws - signal).ravel()  # 16,000 noise values
+    target = (plan.noise_multiplier * plan.delta2) ** 2
+    assert abs(noise.mean()) < 4 * math.sqrt(target / noise.size)
+    assert noise.var() == pytest.approx(target, rel=0.05)
+    # decoded: within the noise of the real clipped sum, in model units
+    decoded = sk.decode(draws[0], plan)
+    assert np.abs(decoded - sum(sums)).max() < 6 * plan.noise_multiplier * plan.delta2 / plan.gamma
+    # no wrap-around: every message stays within the bound Flower's SecAgg+ range is sized from
+    bound = plan.bound(units=7)
+    assert all(np.abs(sk.encode(s, plan, rng)).max() <= bound for s in sums)
+    assert 5 * 2 * bound < 2**32
+
+
+def test_one_share_alone_is_too_little_noise_but_the_tolerated_dropouts_keep_enough():
+    rng = np.random.default_rng(1)
+    plan = _plan(shares=4)  # 5 merchants send shares, the noise is sized for 4 survivors
+    share = sk.skellam(plan.share_mu, (20000,), rng)
+    assert share.var() == pytest.approx((plan.noise_multiplier * plan.delta2) ** 2 / 4, rel=0.05)
+    survivors = sum(sk.skellam(plan.share_mu, (20000,), rng) for _ in range(4))  # one of five dropped
+    assert survivors.var() >= 0.95 * (plan.noise_multiplier * plan.delta2) ** 2
+    population = sk.epsilon([(plan, 0.05, 100)], 1e-5)
+    alone = sk.epsilon([(sk.share_only(plan), 0.05, 100)], 1e-5)
+    assert alone > 3 * population  # a coordinator that broke secure aggregation learns far more
+
+
+@pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.01, 1000), (0.8, 0.05, 200), (2.0, 0.2, 100), (1.2, 0.17, 120)])
+def test_accountant_is_at_least_and_within_5_percent_of_opacus_gaussian(sigma, q, steps):
+    """With the integer noise large (mu ~ 1e8), Skellam behaves like the Gaussian of the same std and
+    sensitivity: its epsilon must be >= Opacus' subsampled-Gaussian epsilon (a Gaussian with the same
+    variance is the limit) and within 5% of it."""
+    plan = _plan(dim=60000, sigma=sigma)
+    ours = sk.epsilon([(plan, q, steps)], 1e-5)
+    orders = list(sk.ORDERS)
+    gaussian, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+                                                                    orders=orders), delta=1e-5)
+    assert gaussian <= ours <= 1.05 * gaussian
+
+
+@pytest.mark.parametrize("mu, shift", [(4.0, 1), (30.0, 2), (200.0, 3)])
+def test_skellam_rdp_bound_dominates_the_exact_renyi_divergence(mu, shift):
+    """Independent computation: the Renyi divergence between Sk(mu) and Sk(mu) + shift, summed over the pmf."""
+    from scipy.special import logsumexp
+
+    support = np.arange(-int(12 * math.sqrt(mu)) - 40, int(12 * math.sqrt(mu)) + 40)
+    log_p = stats.skellam.logpmf(support, mu, mu)
+    log_q = stats.skellam.logpmf(support - shift, mu, mu)
+    keep = np.isfinite(log_p) & np.isfinite(log_q)
+    for alpha in (2, 5, 20):
+        exact = logsumexp(alpha * log_p[keep] + (1 - alpha) * log_q[keep]) / (alpha - 1)
+        bound = sk.skellam_rdp(alpha, mu, shift, shift)
+        assert exact <= bound * (1 + 1e-9)
+        if mu >= 30:
+            assert bound <= 1.25 * exact
+
+
+def test_subsampled_rdp_is_opacus_exact_value_for_the_gaussian():
+    for q, sigma, alpha in [(0.01, 1.0, 8), (0.2, 2.0, 4), (0.5, 0.9, 32)]:
+        ours = sk.subsampled_rdp(alpha, q, lambda a: a / (2 * sigma**2))
+        theirs = compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=[alpha])[0]
+        assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+def test_integers_survive_flower_secaggplus_arithmetic_exactly():
+    """SecAgg+'s own quantize / factor / modulus / dequantize steps (masks cancel mod 2^32) return the
+    exact integer sum when clipping_range = R and quantization_range = 2R, as the distributed mode sets them."""
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, factor_extract, parameters_mod
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    rng = np.random.default_rng(2)
+    n, bound = 5, 2**26
+    messages = [rng.integers(-bound, bound, size=3000) for _ in range(n)]
+    qr = 2 * bound
+    uploads = [factor_combine(qr, quantize([m.astype(np.float64)], bound, qr)) for m in messages]
+    summed = [sum(u[j].astype(np.int64) for u in uploads) for j in range(2)]
+    summed = parameters_mod(summed, 2**32)
+    total_ratio, recon = factor_extract(summed)
+    vector = dequantize(recon, bound, qr)[0] - (n - 1) * bound
+    vector *= qr / total_ratio  # the workflow's 1 / (sum of ratios): the mean of the messages
+    assert np.array_equal(np.rint(vector * n).astype(np.int64), np.sum(messages, axis=0))
+
+
+def test_clipped_gradient_sum_is_per_unit_clipping():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
+    x, y = torch.randn(9, 6) * 5, torch.randint(0, 3, (9,))
+    clip = 0.5
+    ours = clipped_gradient_sum(model, lambda m: torch.nn.functional.cross_entropy(m(x), y, reduction="sum"), clip)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(9):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[i: i + 1]), y[i: i + 1]).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        expected = [e + factor * g for e, g in zip(expected, grads)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, expected))
+    assert not hasattr(model, "_module") and all(not hasattr(p, "grad_sample") or p.grad_sample is None
+                                                 for p in model.parameters())
+
+
+def test_unit_losses_average_a_reviewers_reviews():
+    logits = torch.zeros(2, 3, 2)
+    targets = torch.tensor([[0, 1, -100], [1, -100, -100]])
+    assert torch.allclose(unit_losses(logits, targets, None), torch.full((2,), math.log(2.0)))
+
+
+def _distributed_settings(tmp_path, *extra):
+    return base_settings("recommender", "task.epochs=1", f"run_dir={tmp_path / 'run'}", *extra,
+                         mode="distributed", sample_rate=0.2, planned_rounds=4)
+
+
+def test_a_merchants_share_records_the_population_epsilon_and_its_own_share_alone(tmp_path):
+    settings = _distributed_settings(tmp_path)
+    setup = prepare_run(settings, tmp_path / "run")
+    assert setup.skellam is not None and setup.to_clients.privacy.mode == "distributed"
+    assert setup.to_clients.privacy.noise_shares == settings.federation.stores_per_round
+    state = dict(setup.shared)
+    share = distributed_share(setup.to_clients, state, 1, {"partition-id": 0})
+    assert share.message.dtype == np.int64 and share.message.size == setup.skellam.dim
+    assert share.metrics["refused"] == 0 and share.metrics["steps"] == 1
+    ledger_dir = setup.to_clients.privacy.ledger_dir
+    (record,) = [p for p in (tmp_path / "run" / "ledgers").glob("*.ledger.json")]
+    ledger = open_ledger(ledger_dir, record.name.split(".")[0], "recommender", "customer", 1e-5, "rdp", 8.0)
+    (entry,) = ledger.rounds
+    assert entry.mechanism == "skellam" and entry.epsilon_total == pytest.approx(
+        sk.epsilon([(setup.skellam, 0.2, 1)], 1e-5))
+    assert entry.epsilon_own_share_total > entry.epsilon_total
+    assert "population level" in share.privacy["guarantee"] and "own share alone" in share.privacy["guarantee"]
+
+
+def test_a_merchant_over_budget_sends_its_noise_share_only(tmp_path):
+    settings = _distributed_settings(tmp_path)
+    setup = prepare_run(settings, tmp_path / "run")
+    poor = dataclasses.replace(setup.to_clients, privacy=dataclasses.replace(setup.to_clients.privacy, epsilon=1e-3))
+    share = distributed_share(poor, dict(setup.shared), 1, {"partition-id": 0})
+    assert share.metrics["refused"] == 1 and "privacy budget exhausted" in share.privacy["refusal"]
+    plan = setup.skellam
+    assert abs(share.message.mean()) < 5 * math.sqrt(2 * plan.share_mu / share.message.size)
+    assert share.message.var() == pytest.approx(2 * plan.share_mu, rel=0.1)
+    assert not list((tmp_path / "run" / "ledgers").glob("*.ledger.json")), "a refusal spends nothing"
+
+
+def test_distributed_mode_is_refused_where_it_cannot_hold():
+    from storefed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="privacy.central='fixed' is not allowed: must be none"):
+        base_settings("recommender", "privacy.central=fixed", mode="distributed")
+    with pytest.raises(ConfigError, match="privacy.colluders=2 is not allowed: must be below privacy.min_survivors=2"):
+        base_settings("recommender", colluders=2, mode="distributed")
+    with pytest.raises(ConfigError, match="privacy.accountant='prv' is not allowed"):
+        base_settings("recommender", accountant="prv", mode="distributed")
+    round_config  # noqa: B018 (imported for the merchant-side helpers)
