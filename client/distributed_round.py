@@ -50,8 +50,10 @@ def skellam_plan(config: RoundConfig, dim: int) -> SkellamPlan:
 
 def distributed_share(
     config: RoundConfig, global_state: dict[str, torch.Tensor], server_round: int, node_config: dict[str, Any],
+    signal_bound: int | None = None,
 ) -> DistributedShare:
-    """This merchant's integer message for the round (signal + noise share, or noise share only)."""
+    """This merchant's integer message for the round (signal + noise share, or noise share only);
+    ``signal_bound`` clips the integer signal per coordinate (secure aggregation's range minus the noise)."""
     task, model, data, device = load_round(config, global_state, node_config)
     privacy = merchant_privacy(config.privacy, node_config)
     names = task.shared_keys(model)
@@ -82,7 +84,7 @@ def distributed_share(
     model.to(device).train()
     signal, loss = _clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names)
     record = ledger.record_distributed_round(config.run_id, server_round, plan, q)
-    message = encode(signal, plan, rng)
+    message = encode(signal, plan, rng, signal_bound)
     log.info(
         "StoreFed merchant %s distributed round %d: population-level epsilon %.3f of %g spent "
         "(delta=%g, per %s, Skellam RDP accountant, Poisson sampling q=%.4g, distributed mode); "

@@ -33,7 +33,9 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
+from storefed.client.distributed_round import distributed_share, skellam_plan
 from storefed.client.training_round import train_round
+from storefed.privacy.skellam import noise_bound
 from storefed.wire import NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND, SHARED_KEYS, RoundConfig
 
 log = logging.getLogger("flwr")
@@ -65,6 +67,8 @@ def secure_fit(msg: Message, context: Context) -> Message:
     if len(names) != len(arrays):
         raise ValueError(f"SecAgg+ fit: {len(arrays)} arrays but {len(names)} names in '{SHARED_KEYS}'")
     global_state = {name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays)}
+    if round_config.privacy.mode == "distributed":
+        return _distributed_fit(msg, context, round_config, global_state, names, arrays, int(config[SERVER_ROUND]))
     proximal_mu = float(config.get(PROXIMAL_MU, 0.0))
     outcome = train_round(round_config, global_state, int(config[SERVER_ROUND]), proximal_mu, dict(context.node_config))
 
@@ -82,6 +86,29 @@ def secure_fit(msg: Message, context: Context) -> Message:
     metrics = dict(outcome.metrics) | {f"privacy.{k}": v for k, v in outcome.privacy.items()}
     fitres = FitRes(Status(Code.OK, "refused" if outcome.arrays is None else "trained"),
                     ndarrays_to_parameters(update), weight, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def _distributed_fit(msg: Message, context: Context, round_config: RoundConfig, global_state: dict,
+                     names: list[str], arrays: list[np.ndarray], server_round: int) -> Message:
+    """privacy.mode=distributed: the integer message (signal + noise share) as float64 arrays of weight 1;
+    SecAgg+'s quantization (range 2R) carries it exactly. A message outside [-R, R] is never sent."""
+    bound = int(_protocol_value(context, Key.CLIPPING_RANGE))
+    plan = skellam_plan(round_config, sum(int(a.size) for a in arrays))
+    signal_bound = bound - noise_bound(plan)
+    if signal_bound < bound // 2:
+        raise ValueError(f"distributed round: noise shares need {noise_bound(plan)} of the range {bound}: "
+                         "fewer merchants per round or a larger privacy.rounding_overhead")
+    share = distributed_share(round_config, global_state, server_round, dict(context.node_config), signal_bound)
+    if np.abs(share.message).max() > bound:  # noise tail (probability accounted in delta): drop out
+        raise ValueError("distributed round: the message left the secure-aggregation range: dropping out")
+    pieces, offset = [], 0
+    for a in arrays:
+        pieces.append(share.message[offset: offset + a.size].reshape(a.shape).astype(np.float64))
+        offset += a.size
+    metrics = dict(share.metrics) | {f"privacy.{k}": v for k, v in share.privacy.items()}
+    fitres = FitRes(Status(Code.OK, "refused" if share.metrics["refused"] else "trained"),
+                    ndarrays_to_parameters(pieces), 1, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
 
 

@@ -80,10 +80,20 @@ def choose_gamma(dim: int, clip: float, rounding_overhead: float = 0.01) -> floa
     return math.sqrt(dim) / (rounding_overhead * clip)
 
 
-def encode(clipped_sum: np.ndarray, plan: SkellamPlan, rng: np.random.Generator) -> np.ndarray:
-    """One merchant's message: round(gamma * sum) + its Skellam share, as int64."""
+def encode(
+    clipped_sum: np.ndarray, plan: SkellamPlan, rng: np.random.Generator, signal_bound: int | None = None
+) -> np.ndarray:
+    """One merchant's message: round(gamma * sum), clipped to +-``signal_bound`` per coordinate (1-Lipschitz:
+    the sensitivities above still hold), plus its Skellam share, as int64."""
     scaled = np.rint(plan.gamma * np.asarray(clipped_sum, dtype=np.float64)).astype(np.int64)
+    if signal_bound is not None:
+        scaled = np.clip(scaled, -signal_bound, signal_bound)
     return scaled + skellam(plan.share_mu, scaled.shape, rng)
+
+
+def noise_bound(plan: SkellamPlan, sigmas: float = 12.0) -> int:
+    """|share| stays below this except with probability <= tail_probability(sigmas) per coordinate."""
+    return int(math.ceil(sigmas * math.sqrt(2 * plan.share_mu)))
 
 
 def skellam(mu: float, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

@@ -51,6 +51,7 @@ from flwr.supercore import log as flwr_log
 from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
 from storefed.server.checkpoint import save_global_model
+from storefed.server.distributed_secagg import build_distributed_strategy, integer_range
 from storefed.server.run_log import RunLog
 from storefed.server.run_setup import RunFailed, prepare_run, write_status
 from storefed.server.strategy import aggregate_train_metrics
@@ -99,6 +100,8 @@ def secagg_options(privacy: PrivacyConfig, federation: FederationConfig) -> SecA
             f"privacy.secure_aggregation=true needs federation.stores_per_round >= {MIN_CONTRIBUTORS} "
             f"(got {per_round}): a sum over one merchant is that merchant's update"
         )
+    if privacy.mode == "distributed":
+        opts = distributed_options(opts, federation)
     if per_round * opts.quantization_range >= MODULUS_RANGE:
         raise ValueError(
             f"privacy.secagg_quantization_range={opts.quantization_range} with federation.stores_per_round={per_round} "
@@ -115,11 +118,20 @@ def secagg_options(privacy: PrivacyConfig, federation: FederationConfig) -> SecA
     return opts
 
 
-def build_workflow(opts: SecAggOptions, on_halt: Callable[[int, str], None]) -> LoggedSecAggPlusWorkflow:
-    """Flower's SecAgg+ workflow with these options; its errors name the config keys."""
+def distributed_options(opts: SecAggOptions, federation: FederationConfig) -> SecAggOptions:
+    """privacy.mode=distributed: integer messages in [-R, R], quantization range 2R (exact), weight 1 each."""
+    bound = integer_range(federation.stores_per_round)
+    return dataclasses.replace(opts, clipping_range=float(bound), quantization_range=2 * bound, max_weight=1.0)
+
+
+def build_workflow(
+    opts: SecAggOptions, on_halt: Callable[[int, str], None], min_shares: int | None = None
+) -> LoggedSecAggPlusWorkflow:
+    """Flower's SecAgg+ workflow with these options; its errors name the config keys. ``min_shares``
+    (distributed mode): a round with fewer collected messages is halted before unmasking."""
     try:
         return LoggedSecAggPlusWorkflow(
-            on_halt, opts.num_shares, opts.reconstruction_threshold, max_weight=opts.max_weight,
+            on_halt, min_shares, opts.num_shares, opts.reconstruction_threshold, max_weight=opts.max_weight,
             clipping_range=opts.clipping_range, quantization_range=opts.quantization_range,
             modulus_range=MODULUS_RANGE, timeout=opts.timeout_s,
         )
@@ -130,9 +142,10 @@ def build_workflow(opts: SecAggOptions, on_halt: Callable[[int, str], None]) -> 
 class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ fit workflow that says why a round halted, and never unmasks a sum of one."""
 
-    def __init__(self, on_halt: Callable[[int, str], None], *args, **kwargs) -> None:
+    def __init__(self, on_halt: Callable[[int, str], None], min_shares: int | None, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.on_halt = on_halt  # (round, reason) -> None
+        self.min_shares = min_shares
 
     def __call__(self, grid: Grid, context: Context) -> None:
         state = WorkflowState()
@@ -150,12 +163,22 @@ class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def _collect_then_count(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         if not self.collect_masked_vectors_stage(grid, context, state):
             return False
+        if self.min_shares is not None:  # distributed: every message carries a noise share
+            collected = len(state.legacy_results)
+            state.too_few_shares = (collected, self.min_shares) if collected < self.min_shares else None
+            return state.too_few_shares is None
         trained = sum(1 for _, res in state.legacy_results if res.num_examples > 0)
         state.too_few_trained = trained if trained < MIN_CONTRIBUTORS else None
         return state.too_few_trained is None
 
     @staticmethod
     def _halt_reason(stage: str, state: WorkflowState) -> str:
+        if getattr(state, "too_few_shares", None) is not None:
+            collected, needed = state.too_few_shares
+            return (
+                f"only {collected} of the {needed} noise shares the round needs arrived (privacy.min_survivors): "
+                f"the sum would be under-noised, so the round was not unmasked"
+            )
         if getattr(state, "too_few_trained", None) is not None:
             return (
                 f"only {state.too_few_trained} merchant(s) trained (the rest refused): the sum would reveal an "
@@ -350,6 +373,9 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
     to_clients, catalog, task, state = setup.to_clients, setup.catalog, setup.task, setup.shared
     privacy, federation = to_clients.privacy, settings.federation
     opts = secagg_options(settings.privacy, federation)
+    distributed = setup.skellam is not None
+    if distributed:
+        opts = distributed_options(opts, federation)
     names = list(state)
     dtypes = {k: state[k].dtype for k in names}
     log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, bool(privacy.enabled))
@@ -360,11 +386,18 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
     round_record = to_clients.to_record()
     fit_config = round_record | {SHARED_KEYS: json.dumps(names)}
     initial = [state[k].detach().cpu().numpy() for k in names]
-    strategy = build_legacy_strategy(settings, initial, fit_config, round_log.on_fit)
+    if distributed:
+        strategy = build_distributed_strategy(settings, state, setup.skellam, float(privacy.sample_rate), fit_config,
+                                              round_log.on_fit)
+    else:
+        strategy = build_legacy_strategy(settings, initial, fit_config, round_log.on_fit)
     rounds = int(federation.rounds)
     eval_per_round = federation.evaluated_per_round()
     workflow = DefaultWorkflow(
-        fit_workflow=build_workflow(opts, round_log.on_halt),
+        fit_workflow=build_workflow(
+            opts, round_log.on_halt,
+            (settings.privacy.min_survivors or federation.stores_per_round) if distributed else None,
+        ),
         evaluate_workflow=MessageEvaluation(names, dtypes, ConfigRecord(round_record), eval_per_round, round_log),
     )
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)

@@ -96,9 +96,9 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
 
 
 def run_configured(grid: Grid, context: Context, settings: RunConfig, run_dir: Path) -> None:
-    """The plain or the SecAgg+ federation, as ``privacy.secure_aggregation`` says."""
+    """The plain or the SecAgg+ federation (``privacy.secure_aggregation``; always for ``privacy.mode=distributed``)."""
     torch.set_num_threads(1)
-    if settings.privacy.secure_aggregation:
+    if settings.privacy.secure_aggregation or settings.privacy.mode == "distributed":
         run_secure_federation(grid, context, settings, run_dir)
     else:
         run_federation(grid, settings, run_dir)

@@ -26,7 +26,7 @@ def check_run(settings: RunConfig) -> None:
         raise ConfigError("data=movielens has no review text: use task=recommender with data=movielens")
     try:
         check_privacy_options(privacy, settings.strategy.name, federation.num_stores)
-        if privacy.secure_aggregation:
+        if privacy.secure_aggregation or privacy.mode == "distributed":
             from storefed.server.secure_aggregation import secagg_options
 
             secagg_options(privacy, federation)

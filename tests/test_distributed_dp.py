@@ -11,7 +11,7 @@ import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy import stats
 
-from conftest import base_settings, round_config
+from conftest import base_settings
 from storefed.client.distributed_round import distributed_share, unit_losses
 from storefed.privacy import skellam as sk
 from storefed.privacy.dp_sgd import clipped_gradient_sum
@@ -190,4 +190,73 @@ def test_distributed_mode_is_refused_where_it_cannot_hold():
         base_settings("recommender", colluders=2, mode="distributed")
     with pytest.raises(ConfigError, match="privacy.accountant='prv' is not allowed"):
         base_settings("recommender", accountant="prv", mode="distributed")
-    round_config  # noqa: B018 (imported for the merchant-side helpers)
+
+
+# --- through Flower's SecAgg+ (in-process grid, the real workflow and ClientApp) --------------------------
+def _secure_distributed(tmp_path, stores: int, **privacy):
+    return base_settings(
+        "recommender", f"federation.num_stores={stores}", f"federation.stores_per_round={stores}",
+        "federation.eval_stores_per_round=0", "federation.rounds=1", "task.epochs=1", f"run_dir={tmp_path / 'run'}",
+        mode="distributed", sample_rate=0.3, planned_rounds=2, **privacy,
+    )
+
+
+@pytest.fixture
+def integer_traffic(monkeypatch):
+    """Each merchant's integer message, and the integer sum the coordinator decodes."""
+    import storefed.client.secure_train as secure_train
+    from storefed.server.distributed_dp import DistributedUpdate
+
+    seen = {"messages": [], "sums": []}
+    share_fn, step_fn = secure_train.distributed_share, DistributedUpdate.step
+
+    def share(*args, **kwargs):
+        out = share_fn(*args, **kwargs)
+        seen["messages"].append(out.message.copy())
+        return out
+
+    def step(self, integer_sum, population):
+        seen["sums"].append(np.asarray(integer_sum).copy())
+        return step_fn(self, integer_sum, population)
+
+    monkeypatch.setattr(secure_train, "distributed_share", share)
+    monkeypatch.setattr(DistributedUpdate, "step", step)
+    return seen
+
+
+def test_secaggplus_delivers_the_exact_integer_sum(tmp_path, flower_identity, integer_traffic):
+    from flwr.app import Context, RecordDict
+
+    from storefed.server.secure_aggregation import run_secure_federation
+    from test_secure_aggregation import InProcessGrid
+
+    settings = _secure_distributed(tmp_path, stores=3)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    summary = run_secure_federation(InProcessGrid(3), context, settings, tmp_path / "run")
+    (total,) = integer_traffic["sums"]
+    assert len(integer_traffic["messages"]) == 3
+    assert np.array_equal(total, np.sum(integer_traffic["messages"], axis=0))
+    assert np.abs(total).max() > 1000, "real integers, not zeros"
+    assert summary["rounds_completed"] == 1 and summary["privacy"]["epsilon_max"] > 0
+
+
+@pytest.mark.parametrize("min_survivors, aggregated", [(3, False), (2, True)])
+def test_a_dropout_is_tolerated_only_when_the_noise_was_sized_for_it(tmp_path, flower_identity, integer_traffic,
+                                                                      min_survivors, aggregated):
+    from flwr.app import Context, RecordDict
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from storefed.server.run_setup import RunFailed
+    from storefed.server.secure_aggregation import run_secure_federation
+    from test_secure_aggregation import InProcessGrid
+
+    settings = _secure_distributed(tmp_path, stores=3, min_survivors=min_survivors)
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    grid = InProcessGrid(3, drop={0: Stage.COLLECT_MASKED_VECTORS})
+    if aggregated:
+        run_secure_federation(grid, context, settings, tmp_path / "run")
+        assert len(integer_traffic["sums"]) == 1  # two shares sized for two survivors: the full noise
+    else:
+        with pytest.raises(RunFailed, match="only 2 of the 3 noise shares the round needs arrived"):
+            run_secure_federation(grid, context, settings, tmp_path / "run")
+        assert integer_traffic["sums"] == [], "an under-noised sum is never unmasked"

@@ -25,11 +25,11 @@ import yaml
 from storefed.atomic_files import atomic_write_text
 from storefed.client.device import choose_device
 from storefed.client.local_training import local_training_config
-from storefed.privacy.dp_sgd import plan_sampling
 from storefed.config.schema import EvaluateConfig
 from storefed.config.serialize import to_dict
 from storefed.data.sources import load_simulated
 from storefed.models.task import build_task
+from storefed.privacy.dp_sgd import plan_sampling
 from storefed.simulations.evaluation import methods
 from storefed.simulations.evaluation.federated import global_model, run_distributed, run_federated
 from storefed.simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings

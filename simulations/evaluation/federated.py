@@ -28,8 +28,8 @@ from storefed.client.distributed_round import distributed_share
 from storefed.config.schema import RunConfig
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import build_task
-from storefed.server.run_setup import prepare_run
 from storefed.server.distributed_dp import DistributedUpdate
+from storefed.server.run_setup import prepare_run
 from storefed.server.strategy import build_strategy
 from storefed.wire import PROXIMAL_MU, SERVER_ROUND
 
