@@ -226,9 +226,9 @@ def integer_traffic(monkeypatch):
 
 def test_secaggplus_delivers_the_exact_integer_sum(tmp_path, flower_identity, integer_traffic):
     from flwr.app import Context, RecordDict
+    from test_secure_aggregation import InProcessGrid
 
     from storefed.server.secure_aggregation import run_secure_federation
-    from test_secure_aggregation import InProcessGrid
 
     settings = _secure_distributed(tmp_path, stores=3)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -245,10 +245,10 @@ def test_a_dropout_is_tolerated_only_when_the_noise_was_sized_for_it(tmp_path, f
                                                                       min_survivors, aggregated):
     from flwr.app import Context, RecordDict
     from flwr.common.secure_aggregation.secaggplus_constants import Stage
+    from test_secure_aggregation import InProcessGrid
 
     from storefed.server.run_setup import RunFailed
     from storefed.server.secure_aggregation import run_secure_federation
-    from test_secure_aggregation import InProcessGrid
 
     settings = _secure_distributed(tmp_path, stores=3, min_survivors=min_survivors)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
