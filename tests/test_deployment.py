@@ -223,3 +223,40 @@ def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
     assert "FAILED" in log and "finished:failed" in log and "every sampled merchant failed" in log
     assert json.loads((tmp / "run" / "status.json").read_text())["status"] == "failed"
     assert "NO TLS" in (tmp / "merchant.log").read_text()
+
+
+def test_tls_deployment_runs_distributed_dp_end_to_end(world):
+    """privacy.mode=distributed over TLS gRPC with node auth: SecAgg+ carries the merchants' integer shares."""
+    tmp, certs, _, authorized = world
+    fleet, control, *node_ports = _free_ports(5)
+    run_dir = tmp / "run-distributed"
+    procs: list[Proc] = []
+    try:
+        server = Proc(_storefed(
+            "server", f"run_dir={run_dir}", f"server.certs_dir={certs}", f"server.authorized_dir={authorized}",
+            f"server.fleet_address=127.0.0.1:{fleet}", f"server.control_port={control}",
+            f"data.catalog={tmp / 'catalog.csv'}", "federation.rounds=2", "privacy.mode=distributed",
+            "privacy.sample_rate=0.3", "privacy.epsilon=8",
+        ), tmp / "server-distributed.log")
+        procs.append(server)
+        server.wait_for("registered 3 merchant key(s)", timeout=90)
+        for name, port in zip(MERCHANTS, node_ports):
+            procs.append(Proc(_storefed(
+                "merchant", f"data_dir={tmp / name}", f"ledger_dir={tmp / name / 'ledger-distributed'}",
+                f"superlink=127.0.0.1:{fleet}", f"ca_cert={certs / 'ca.crt'}", f"private_key={certs / 'merchants' / name}",
+                f"port={port}",
+            ), tmp / f"{name}-distributed.log"))
+        assert server.popen.wait(timeout=400) == 0, (tmp / "server-distributed.log").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            proc.stop()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["secure_aggregation"] == "aggregated" for r in rows)
+    ledgers = [json.loads(next((tmp / name / "ledger-distributed").glob("*.ledger.json")).read_text())
+               for name in MERCHANTS]
+    for led in ledgers:
+        assert [r["mechanism"] for r in led["rounds"]] == ["skellam", "skellam"]
+        assert led["rounds"][-1]["epsilon_own_share_total"] > led["rounds"][-1]["epsilon_total"]
+    assert len({round(led["rounds"][-1]["epsilon_total"], 9) for led in ledgers}) == 1, "one population-level epsilon"
+    assert "population-level epsilon" in (tmp / "shop-a-distributed.log").read_text()

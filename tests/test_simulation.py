@@ -81,3 +81,16 @@ def test_run_where_every_merchant_refuses_fails_with_the_reason(tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "no merchant trained" in status["error"]
     assert not (run_dir / "global_model.safetensors").exists()
+
+
+def test_distributed_dp_simulation_runs_over_secagg_with_population_level_epsilon(tmp_path):
+    run_dir = tmp_path / "distributed"
+    done = _storefed("simulate", *SMALL, f"run_dir={run_dir}", "federation.stores_per_round=3",
+                     "privacy.mode=distributed", "privacy.sample_rate=0.2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and all(r["secure_aggregation"] == "aggregated" for r in rows)
+    ledgers = [json.loads(p.read_text()) for p in (run_dir / "ledgers").glob("*.ledger.json")]
+    assert ledgers and all(r["mechanism"] == "skellam" for led in ledgers for r in led["rounds"])
+    assert max(r["epsilon_total"] for led in ledgers for r in led["rounds"]) <= 8.0
+    assert "population-level epsilon" in done.stdout + done.stderr
