@@ -82,7 +82,7 @@ def distributed_share(
 
     sampled = np.flatnonzero(rng.random(len(dataset)) < q)
     model.to(device).train()
-    signal, loss = _clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names)
+    signal, loss = clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names)
     record = ledger.record_distributed_round(config.run_id, server_round, plan, q)
     message = encode(signal, plan, rng, signal_bound)
     log.info(
@@ -102,7 +102,7 @@ def distributed_share(
                                                "guarantee": guarantee})
 
 
-def _clipped_sum(
+def clipped_sum(
     task: Task, model: nn.Module, dataset, sampled: np.ndarray, clip: float, device: torch.device, names: list[str],
 ) -> tuple[np.ndarray, float]:
     """Flattened sum of the sampled units' clipped gradients over ``names`` (zeros if none sampled)."""

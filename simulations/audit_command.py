@@ -134,6 +134,8 @@ def build_plan(cfg: AuditConfig) -> AuditPlan:
         noise_multiplier=privacy["noise_multiplier"] if privacy["noise_multiplier"] == "auto" else float(privacy["noise_multiplier"]),
         max_grad_norm=float(privacy["max_grad_norm"]),
         grad_sample_mode=str(privacy["grad_sample_mode"]),
+        mode=str(privacy["mode"]),
+        noise_shares=max(1, stores),
     )
 
 
@@ -163,8 +165,12 @@ def audit_record(plan: AuditPlan, run: AuditRun) -> dict:
             "steps": run.steps,
             "epochs": plan.local.epochs,
             "batch_size": plan.local.batch_size,
+            "mode": plan.mode if plan.private else None,
             "guarantee": (
-                f"({run.epsilon_theory:.4g}, {plan.delta:g})-DP per customer, {plan.accountant.upper()} accountant, "
+                f"({run.epsilon_theory:.4g}, {plan.delta:g})-DP per customer, population-level, Skellam RDP "
+                f"accountant, Poisson sampling, distributed mode ({plan.noise_shares} noise shares)"
+                if plan.private and plan.mode == "distributed"
+                else f"({run.epsilon_theory:.4g}, {plan.delta:g})-DP per customer, {plan.accountant.upper()} accountant, "
                 "Poisson sampling"
                 if plan.private
                 else "NONE: privacy=none, this training run carries no differential-privacy guarantee"
@@ -214,13 +220,14 @@ def format_report(record: dict) -> str:
     """The printed report: theoretical guarantee next to the empirical lower bound."""
     t, e, d = record["theoretical"], record["empirical"], record["data"]
     if t["private"]:
+        kind = "distributed DP-SGD (Skellam noise shares, summed)" if t.get("mode") == "distributed" else "DP-SGD (Opacus)"
         training = (
-            f"DP-SGD (Opacus), Poisson sampling rate {t['sample_rate']:.4g}, "
+            f"{kind}, Poisson sampling rate {t['sample_rate']:.4g}, "
             f"noise multiplier {t['noise_multiplier']:.4g}, max_grad_norm {t['max_grad_norm']:g}, {t['steps']} steps"
         )
+        accountant = "Skellam RDP, population-level" if t.get("mode") == "distributed" else t["accountant"].upper()
         theory = (
-            f"{t['epsilon']:.3f} (per customer, delta={t['delta']:g}, {t['accountant'].upper()} accountant, "
-            "Poisson sampling)"
+            f"{t['epsilon']:.3f} (per customer, delta={t['delta']:g}, {accountant} accountant, Poisson sampling)"
         )
     else:
         training = f"NO differential privacy (privacy=none), {t['steps']} steps"

@@ -260,3 +260,15 @@ def test_a_dropout_is_tolerated_only_when_the_noise_was_sized_for_it(tmp_path, f
         with pytest.raises(RunFailed, match="only 2 of the 3 noise shares the round needs arrived"):
             run_secure_federation(grid, context, settings, tmp_path / "run")
         assert integer_traffic["sums"] == [], "an under-noised sum is never unmasked"
+
+
+@pytest.mark.parametrize("unit", ["review", "user"])
+def test_the_review_model_shares_too(tmp_path, unit):
+    settings = base_settings("review", "task.epochs=1", f"run_dir={tmp_path / 'run'}", "task.max_length=16",
+                             mode="distributed", sample_rate=0.3, planned_rounds=3, unit=unit)
+    setup = prepare_run(settings, tmp_path / "run")
+    share = distributed_share(setup.to_clients, dict(setup.shared), 1, {"partition-id": 1})
+    assert share.metrics["refused"] == 0 and share.message.size == setup.skellam.dim
+    expected_unit = "reviewer" if unit == "user" else "review"
+    assert f"per {expected_unit} at the population level" in share.privacy["guarantee"]
+    assert np.abs(share.message).max() > 0
