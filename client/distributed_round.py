@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from storefed.client.training_round import load_round, log, merchant_privacy
-from storefed.models.task import Task
+from storefed.data.sources import load_for_node
+from storefed.models.task import Task, build_task
 from storefed.privacy.delta_check import delta_problem
 from storefed.privacy.dp_sgd import clipped_gradient_sum
 from storefed.privacy.ledger import open_ledger
@@ -100,6 +101,35 @@ def distributed_share(
     )
     return DistributedShare(message, metrics, {"unit": task.privacy_unit, "accountant": "skellam-rdp",
                                                "guarantee": guarantee})
+
+
+def prior_share(config: RoundConfig, server_round: int, node_config: dict[str, Any]) -> DistributedShare:
+    """This merchant's share of the one-shot popularity release: the sum of its units' norm-1 vectors
+    (task.prior_vectors), every unit included (q = 1), integer-encoded with its Skellam share."""
+    catalog, data = load_for_node(config.data, config.seed, node_config)
+    task = build_task(config.task, catalog, seed=config.seed, privacy_unit=config.privacy.unit)
+    privacy = merchant_privacy(config.privacy, node_config)
+    plan = SkellamPlan(catalog.num_items, 1.0, float(privacy.prior_noise_multiplier), float(privacy.prior_gamma),
+                       int(privacy.noise_shares))
+    rng = np.random.default_rng(secrets.randbits(128))
+    vectors = task.prior_vectors(data)
+    ledger = open_ledger(privacy.ledger_dir, data.merchant_id, task.name, task.privacy_unit, privacy.delta,
+                         privacy.accountant, privacy.epsilon)
+    reason = delta_problem(privacy.delta, len(vectors), task.privacy_unit, "this merchant") if len(vectors) else None
+    if not reason and ledger.epsilon_after_distributed(plan, 1.0) > privacy.epsilon:
+        reason = f"privacy budget exhausted: {ledger.epsilon_spent:.3f} of epsilon {privacy.epsilon:g} spent"
+    metrics = {key: 0.0 for key in TRAIN_METRIC_KEYS} | {NUM_EXAMPLES: len(vectors), "dp": 1, "sample_rate": 1.0,
+                                                          "noise_multiplier": plan.noise_multiplier,
+                                                          "epsilon_budget": privacy.epsilon, "delta": privacy.delta}
+    if reason or len(vectors) == 0:
+        metrics |= {"refused": 1, "epsilon_total": ledger.epsilon_spent}
+        return DistributedShare(encode(np.zeros(plan.dim), plan, rng), metrics, {"refusal": reason or "no units"})
+    record = ledger.record_distributed_round(config.run_id, server_round, plan, 1.0)
+    metrics |= {"steps": 1, "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total}
+    guarantee = (f"({record.epsilon_total:.3f}, {privacy.delta:g})-DP per {task.privacy_unit} at the population "
+                 "level (distributed popularity release, Skellam RDP accountant), assuming secure aggregation")
+    return DistributedShare(encode(vectors.sum(0), plan, rng), metrics,
+                            {"unit": task.privacy_unit, "accountant": "skellam-rdp", "guarantee": guarantee})
 
 
 def clipped_sum(

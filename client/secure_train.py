@@ -33,10 +33,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from storefed.client.distributed_round import distributed_share, skellam_plan
+from storefed.client.distributed_round import distributed_share, prior_share, skellam_plan
 from storefed.client.training_round import train_round
 from storefed.privacy.skellam import noise_bound
-from storefed.wire import NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND, SHARED_KEYS, RoundConfig
+from storefed.wire import NUM_EXAMPLES, PROXIMAL_MU, RELEASE_KEY, SERVER_ROUND, SHARED_KEYS, RoundConfig
 
 log = logging.getLogger("flwr")
 
@@ -68,7 +68,8 @@ def secure_fit(msg: Message, context: Context) -> Message:
         raise ValueError(f"SecAgg+ fit: {len(arrays)} arrays but {len(names)} names in '{SHARED_KEYS}'")
     global_state = {name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays)}
     if round_config.privacy.mode == "distributed":
-        return _distributed_fit(msg, context, round_config, global_state, names, arrays, int(config[SERVER_ROUND]))
+        return _distributed_fit(msg, context, round_config, global_state, arrays, int(config[SERVER_ROUND]),
+                                str(config.get(RELEASE_KEY, "")))
     proximal_mu = float(config.get(PROXIMAL_MU, 0.0))
     outcome = train_round(round_config, global_state, int(config[SERVER_ROUND]), proximal_mu, dict(context.node_config))
 
@@ -90,22 +91,26 @@ def secure_fit(msg: Message, context: Context) -> Message:
 
 
 def _distributed_fit(msg: Message, context: Context, round_config: RoundConfig, global_state: dict,
-                     names: list[str], arrays: list[np.ndarray], server_round: int) -> Message:
+                     arrays: list[np.ndarray], server_round: int, release: str) -> Message:
     """privacy.mode=distributed: the integer message (signal + noise share) as float64 arrays of weight 1;
     SecAgg+'s quantization (range 2R) carries it exactly. A message outside [-R, R] is never sent."""
     bound = int(_protocol_value(context, Key.CLIPPING_RANGE))
-    plan = skellam_plan(round_config, sum(int(a.size) for a in arrays))
-    signal_bound = bound - noise_bound(plan)
-    if signal_bound < bound // 2:
-        raise ValueError(f"distributed round: noise shares need {noise_bound(plan)} of the range {bound}: "
-                         "fewer merchants per round or a larger privacy.rounding_overhead")
-    share = distributed_share(round_config, global_state, server_round, dict(context.node_config), signal_bound)
+    if release == "prior":  # the one-shot popularity release
+        share = prior_share(round_config, server_round, dict(context.node_config))
+        pieces = [share.message.astype(np.float64)]
+    else:
+        plan = skellam_plan(round_config, sum(int(a.size) for a in arrays))
+        signal_bound = bound - noise_bound(plan)
+        if signal_bound < bound // 2:
+            raise ValueError(f"distributed round: noise shares need {noise_bound(plan)} of the range {bound}: "
+                             "fewer merchants per round or a larger privacy.rounding_overhead")
+        share = distributed_share(round_config, global_state, server_round, dict(context.node_config), signal_bound)
+        pieces, offset = [], 0
+        for a in arrays:
+            pieces.append(share.message[offset: offset + a.size].reshape(a.shape).astype(np.float64))
+            offset += a.size
     if np.abs(share.message).max() > bound:  # noise tail (probability accounted in delta): drop out
         raise ValueError("distributed round: the message left the secure-aggregation range: dropping out")
-    pieces, offset = [], 0
-    for a in arrays:
-        pieces.append(share.message[offset: offset + a.size].reshape(a.shape).astype(np.float64))
-        offset += a.size
     metrics = dict(share.metrics) | {f"privacy.{k}": v for k, v in share.privacy.items()}
     fitres = FitRes(Status(Code.OK, "refused" if share.metrics["refused"] else "trained"),
                     ndarrays_to_parameters(pieces), 1, metrics)

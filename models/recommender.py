@@ -166,6 +166,21 @@ class RecommenderTask:
         train, _ = split_leave_last_out(customer_histories(data))
         return CustomerDataset(train, self.max_history)
 
+    # -- one-shot statistic (distributed mode): the DP popularity prior ---------------------------
+    def prior_vectors(self, data: MerchantData) -> np.ndarray:
+        """One row per DP unit (the training customers): their distinct items, scaled to L2 norm 1."""
+        histories = self.train_dataset(data).histories
+        rows = np.zeros((len(histories), self.num_items))
+        for row, h in zip(rows, histories):
+            items = np.unique(h[-(self.max_history + 1):])
+            row[items] = 1.0 / np.sqrt(len(items))
+        return rows
+
+    def apply_prior(self, state: dict[str, torch.Tensor], noisy_sum: np.ndarray) -> dict[str, torch.Tensor]:
+        """The output bias set to log(1 + released popularity) (negative noisy counts read as 0)."""
+        bias = torch.from_numpy(np.log1p(np.clip(noisy_sum, 0.0, None))).to(state["output.bias"].dtype)
+        return dict(state) | {"output.bias": bias}
+
     def forward(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         history, target = batch
         return model(history.to(device)), target.to(device)

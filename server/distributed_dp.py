@@ -32,23 +32,36 @@ def noise_shares(settings: RunConfig) -> int:
     return survivors - settings.privacy.colluders
 
 
-def distributed_plan(settings: RunConfig, dim: int) -> SkellamPlan:
-    """The public Skellam plan of every round: noise planned so the planned rounds fit ``privacy.epsilon``."""
+def prior_plan(settings: RunConfig, dim: int) -> SkellamPlan | None:
+    """The one-shot popularity release (every unit, norm 1, q = 1), when ``task.popularity_prior`` asks for it."""
+    task = settings.task
+    if not getattr(task, "popularity_prior", False):
+        return None
+    gamma = choose_gamma(dim, 1.0, settings.privacy.rounding_overhead)
+    return SkellamPlan(dim, 1.0, task.prior_noise_multiplier, gamma, noise_shares(settings))
+
+
+def distributed_plan(settings: RunConfig, dim: int, prior: SkellamPlan | None = None) -> SkellamPlan:
+    """The public Skellam plan of every round: noise planned so the planned rounds (after the prior
+    release, if any) fit ``privacy.epsilon``."""
     privacy = settings.privacy
     noise = noise_multiplier_value(privacy.noise_multiplier)
     if noise is not None:
         gamma = choose_gamma(dim, privacy.max_grad_norm, privacy.rounding_overhead)
         return SkellamPlan(dim, privacy.max_grad_norm, noise, gamma, noise_shares(settings))
     rounds = privacy.planned_rounds or settings.federation.rounds
+    spent = [(prior, 1.0, 1)] if prior is not None else []
     return plan_noise(privacy.epsilon, privacy.delta, sample_rate(settings), rounds, dim, privacy.max_grad_norm,
-                      noise_shares(settings), privacy.rounding_overhead)
+                      noise_shares(settings), privacy.rounding_overhead, spent)
 
 
 class DistributedUpdate:
     """Global model <- server optimizer step on (decoded noisy sum) / (q * N)."""
 
-    def __init__(self, shared: dict[str, torch.Tensor], plan: SkellamPlan, q: float, optimizer: str, lr: float) -> None:
-        self.plan, self.q = plan, q
+    def __init__(self, shared: dict[str, torch.Tensor], plan: SkellamPlan, q: float, optimizer: str, lr: float,
+                 frozen: tuple[str, ...] = ()) -> None:
+        """``frozen``: tensors kept as they are (e.g. an output bias set from a DP prior release)."""
+        self.plan, self.q, self.frozen = plan, q, set(frozen)
         self.names = list(shared)
         self.params = [torch.nn.Parameter(shared[n].detach().clone().double()) for n in self.names]
         self.dtypes = {n: shared[n].dtype for n in self.names}
@@ -65,8 +78,9 @@ class DistributedUpdate:
             raise ValueError("distributed round: the contributing merchants report no units")
         gradient = torch.from_numpy(decode(integer_sum, self.plan) / (self.q * population))
         offset = 0
-        for p in self.params:
-            p.grad = gradient[offset: offset + p.numel()].reshape(p.shape).clone()
+        for name, p in zip(self.names, self.params):
+            grad = gradient[offset: offset + p.numel()].reshape(p.shape).clone()
+            p.grad = None if name in self.frozen else grad
             offset += p.numel()
         if offset != gradient.numel():
             raise ValueError(f"distributed round: the sum has {gradient.numel()} values, the model {offset}")
@@ -74,12 +88,23 @@ class DistributedUpdate:
         self.optimizer.zero_grad(set_to_none=True)
         return self.state()
 
+    def reset(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Replace the global model (e.g. after a prior release); the optimizer state starts afresh."""
+        with torch.no_grad():
+            for name, p in zip(self.names, self.params):
+                p.copy_(state[name].double())
+        self.optimizer.state.clear()
+        return self.state()
+
     def state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().to(self.dtypes[n]).clone() for n, p in zip(self.names, self.params)}
 
 
-def with_plan(to_clients, plan: SkellamPlan, q: float):
-    """The merchants' round config carrying the public plan."""
-    privacy = dataclasses.replace(to_clients.privacy, mode="distributed", sample_rate=q, gamma=plan.gamma,
-                                  noise_shares=plan.min_survivors, noise_multiplier=plan.noise_multiplier)
+def with_plan(to_clients, plan: SkellamPlan, q: float, prior: SkellamPlan | None = None):
+    """The merchants' round config carrying the public plan (and the prior release's, if any)."""
+    privacy = dataclasses.replace(
+        to_clients.privacy, mode="distributed", sample_rate=q, gamma=plan.gamma, noise_shares=plan.min_survivors,
+        noise_multiplier=plan.noise_multiplier, prior_noise_multiplier=prior.noise_multiplier if prior else None,
+        prior_gamma=prior.gamma if prior else None,
+    )
     return dataclasses.replace(to_clients, privacy=privacy)

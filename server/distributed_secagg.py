@@ -21,8 +21,9 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from storefed.config.schema import RunConfig
-from storefed.privacy.skellam import SkellamPlan
+from storefed.privacy.skellam import SkellamPlan, decode
 from storefed.server.distributed_dp import DistributedUpdate
+from storefed.wire import RELEASE_KEY
 
 MAX_RANGE = 2**30 - 1
 
@@ -32,13 +33,21 @@ def integer_range(stores_per_round: int) -> int:
     return min(MAX_RANGE, (2**32 - 1) // (2 * stores_per_round + 2))
 
 
+
+
 def build_distributed_strategy(
     settings: RunConfig, shared: dict, plan: SkellamPlan, q: float, fit_config: dict, on_fit,
+    task=None, prior: SkellamPlan | None = None,
 ) -> FedAvg:
-    """A legacy strategy whose aggregate_fit applies ``DistributedUpdate`` to the unmasked integer sum."""
+    """A legacy strategy whose aggregate_fit applies ``DistributedUpdate`` to the unmasked integer sum.
+    With a ``prior`` plan, round 1 is the one-shot popularity release: its sum sets the output bias."""
     names = list(shared)
     update = DistributedUpdate(shared, plan, q, settings.task.optimizer, settings.task.lr)
     federation = settings.federation
+
+    def round_config(server_round: int) -> dict:
+        release = {RELEASE_KEY: "prior"} if prior is not None and server_round == 1 else {}
+        return fit_config | {"server-round": server_round} | release
 
     class DistributedStrategy(FedAvg):
         def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list):
@@ -48,8 +57,11 @@ def build_distributed_strategy(
                 return None, {}
             mean = parameters_to_ndarrays(results[0][1].parameters)
             integer_sum = np.rint(np.concatenate([a.ravel() for a in mean]) * len(results)).astype(np.int64)
-            population = sum(int(res.metrics.get("num-examples", 0)) for _, res in results)
-            state = update.step(integer_sum, population)
+            if prior is not None and server_round == 1:
+                state = update.reset(task.apply_prior(update.state(), decode(integer_sum, prior)))
+            else:
+                population = sum(int(res.metrics.get("num-examples", 0)) for _, res in results)
+                state = update.step(integer_sum, population)
             return ndarrays_to_parameters([state[n].numpy() for n in names]), metrics
 
     return DistributedStrategy(
@@ -58,7 +70,7 @@ def build_distributed_strategy(
         min_fit_clients=federation.stores_per_round,
         min_evaluate_clients=0,
         min_available_clients=federation.num_stores,
-        on_fit_config_fn=lambda server_round: fit_config | {"server-round": server_round},
+        on_fit_config_fn=round_config,
         initial_parameters=ndarrays_to_parameters([shared[n].detach().cpu().numpy() for n in names]),
         fit_metrics_aggregation_fn=lambda _: {},
     )

@@ -76,6 +76,7 @@ class RunSetup:
     task: Task
     shared: dict[str, torch.Tensor]  # in task order
     skellam: SkellamPlan | None = None  # privacy.mode=distributed: the public plan of every round
+    prior: SkellamPlan | None = None  # distributed + task.popularity_prior: the one-shot release's plan
 
     @property
     def expected(self) -> dict[str, tuple[int, ...]]:
@@ -93,10 +94,11 @@ def prepare_run(settings: RunConfig, run_dir: Path) -> RunSetup:
     shared = {k: state[k] for k in task.shared_keys(model)}
     if settings.privacy.mode != "distributed":
         return RunSetup(to_clients, catalog, task, shared)
-    from storefed.server.distributed_dp import distributed_plan, sample_rate, with_plan
+    from storefed.server.distributed_dp import distributed_plan, prior_plan, sample_rate, with_plan
 
-    plan = distributed_plan(settings, sum(v.numel() for v in shared.values()))
-    return RunSetup(with_plan(to_clients, plan, sample_rate(settings)), catalog, task, shared, plan)
+    prior = prior_plan(settings, catalog.num_items)
+    plan = distributed_plan(settings, sum(v.numel() for v in shared.values()), prior)
+    return RunSetup(with_plan(to_clients, plan, sample_rate(settings), prior), catalog, task, shared, plan, prior)
 
 
 def write_status(run_dir: Path, status: str, error: str | None = None, detail: str | None = None) -> None:

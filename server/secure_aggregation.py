@@ -388,7 +388,7 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
     initial = [state[k].detach().cpu().numpy() for k in names]
     if distributed:
         strategy = build_distributed_strategy(settings, state, setup.skellam, float(privacy.sample_rate), fit_config,
-                                              round_log.on_fit)
+                                              round_log.on_fit, task, setup.prior)
     else:
         strategy = build_legacy_strategy(settings, initial, fit_config, round_log.on_fit)
     rounds = int(federation.rounds)

@@ -22,6 +22,7 @@ ARRAYS, CONFIG, METRICS, PRIVACY = "arrays", "config", "metrics", "privacy"
 SERVER_ROUND, PROXIMAL_MU = "server-round", "proximal-mu"  # set by Flower's strategies
 SHARED_KEYS = "shared-keys"  # SecAgg+ fit config: JSON list naming the legacy (unnamed, ordered) arrays
 NUM_EXAMPLES = "num-examples"
+RELEASE_KEY = "distributed-release"  # distributed fit config: "prior" in the round that releases a DP statistic
 
 # Every train reply's MetricRecord carries exactly these keys (refusals too, zero-filled).
 TRAIN_METRIC_KEYS = (
@@ -49,6 +50,8 @@ class MerchantPrivacy:
     sample_rate: Optional[float] = None  # distributed: every unit's Poisson rate q
     gamma: Optional[float] = None  # distributed: integer units per model unit
     noise_shares: Optional[int] = None  # distributed: shares the noise is split into (survivors - colluders)
+    prior_noise_multiplier: Optional[float] = None  # distributed: the one-shot prior release's plan, if any
+    prior_gamma: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -197,7 +198,7 @@ def _secure_distributed(tmp_path, stores: int, **privacy):
     return base_settings(
         "recommender", f"federation.num_stores={stores}", f"federation.stores_per_round={stores}",
         "federation.eval_stores_per_round=0", "federation.rounds=1", "task.epochs=1", f"run_dir={tmp_path / 'run'}",
-        mode="distributed", sample_rate=0.3, planned_rounds=2, **privacy,
+        **({"mode": "distributed", "sample_rate": 0.3, "planned_rounds": 2} | privacy),
     )
 
 
@@ -272,3 +273,58 @@ def test_the_review_model_shares_too(tmp_path, unit):
     expected_unit = "reviewer" if unit == "user" else "review"
     assert f"per {expected_unit} at the population level" in share.privacy["guarantee"]
     assert np.abs(share.message).max() > 0
+
+
+def test_popularity_prior_release_is_composed_in_the_ledger_and_tracks_true_popularity(tmp_path):
+    """One-shot DP statistic through the same path: each customer's distinct items at norm 1, q = 1."""
+    from storefed.client.distributed_round import prior_share
+    from storefed.data.sources import load_simulated
+
+    settings = _distributed_settings(tmp_path, "task.popularity_prior=true", "data.generator.mean_customers=300")
+    setup = prepare_run(settings, tmp_path / "run")
+    assert setup.prior is not None and setup.prior.dim == setup.catalog.num_items
+    shares = [prior_share(setup.to_clients, 0, {"partition-id": p}) for p in range(4)]
+    released = sk.decode(np.sum([s.message for s in shares], axis=0), setup.prior)
+    truth = sum(setup.task.prior_vectors(load_simulated(settings.data, settings.seed, p)[1]).sum(0) for p in range(4))
+    assert np.all(np.linalg.norm(setup.task.prior_vectors(load_simulated(settings.data, settings.seed, 0)[1]), axis=1)
+                  == pytest.approx(1.0))
+    assert np.corrcoef(released, truth)[0, 1] > 0.8
+    state = setup.task.apply_prior(dict(setup.shared), released)
+    assert torch.equal(state["output.bias"], torch.from_numpy(np.log1p(np.clip(released, 0, None))).float())
+    # the release and then a training round, composed in one ledger at the population level
+    distributed_share(setup.to_clients, state, 1, {"partition-id": 0})
+    (path,) = (tmp_path / "run" / "ledgers").glob("store-00000*.ledger.json")
+    ledger = open_ledger(path.parent, path.name.split(".")[0], "recommender", "customer", 1e-5, "rdp", 8.0)
+    assert [r.sample_rate for r in ledger.rounds] == [1.0, 0.2]
+    assert ledger.epsilon_spent == pytest.approx(sk.epsilon([(setup.prior, 1.0, 1), (setup.skellam, 0.2, 1)], 1e-5))
+    # the training noise was planned for what is left after the release
+    assert sk.epsilon([(setup.prior, 1.0, 1), (setup.skellam, 0.2, 4)], 1e-5) <= 8.0
+
+
+def test_popularity_prior_needs_the_distributed_mode():
+    from storefed.config import ConfigError
+
+    with pytest.raises(ConfigError, match="task.popularity_prior=True is not allowed: needs privacy.mode=distributed"):
+        base_settings("recommender", "task.popularity_prior=true")
+
+
+def test_popularity_prior_goes_through_secaggplus_in_round_one(tmp_path, flower_identity, integer_traffic):
+    from flwr.app import Context, RecordDict
+    from test_secure_aggregation import InProcessGrid
+
+    from storefed.server.checkpoint import load_global_model
+    from storefed.server.secure_aggregation import run_secure_federation
+
+    settings = _secure_distributed(tmp_path, stores=3)
+    settings = dataclasses.replace(settings, task=dataclasses.replace(settings.task, popularity_prior=True),
+                                   federation=dataclasses.replace(settings.federation, rounds=2))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    summary = run_secure_federation(InProcessGrid(3), context, settings, tmp_path / "run")
+    assert summary["rounds_completed"] == 2 and len(integer_traffic["sums"]) == 1  # round 1 released the prior
+    weights, _ = load_global_model(tmp_path / "run")
+    assert float(weights["output.bias"].max()) > 1.0, "the bias carries log(1 + released popularity)"
+    ledgers = list((tmp_path / "run" / "ledgers").glob("*.ledger.json"))
+    assert len(ledgers) == 3
+    for path in ledgers:
+        rounds = json.loads(path.read_text())["rounds"]
+        assert [r["sample_rate"] for r in rounds] == [1.0, 0.3] and all(r["mechanism"] == "skellam" for r in rounds)

@@ -194,8 +194,8 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
                 add(method, model_metrics(metrics), time.time() - t0, epsilon, info)
             elif method == "local":
                 add(method, model_metrics(methods.local_only(task, merchants, local_cfg, spec.rounds, device)), time.time() - t0)
-            elif method == "federated_dp_distributed":
-                dist = distributed_settings(base, merchants, task, local_cfg, spec, epsilon)
+            elif method in ("federated_dp_distributed", "federated_dp_distributed_prior"):
+                dist = distributed_settings(base, merchants, task, local_cfg, spec, epsilon, method.endswith("prior"))
                 name = f"{method}-eps{epsilon:g}"
                 result = run_distributed(dist, cell_dir / name)
                 fed_task, model = global_model(dist, cell_dir / name, result.state)
@@ -230,10 +230,10 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
     return rows
 
 
-def distributed_settings(base, merchants, task, local_cfg, spec: EvalSpec, epsilon: float):
+def distributed_settings(base, merchants, task, local_cfg, spec: EvalSpec, epsilon: float, prior: bool = False):
     """The distributed run of a cell: every merchant each round, the per-unit rate and step count of
     centralized DP-SGD on the pooled units (same model, optimizer, epsilon and delta), noise planned
-    over all rounds."""
+    over all rounds (after the DP popularity release when ``prior``)."""
     units = sum(len(task.train_dataset(m)) for m in merchants)
     plan = plan_sampling(units, local_cfg.batch_size, local_cfg.epochs * spec.rounds)
     k = base.federation.num_stores
@@ -242,7 +242,8 @@ def distributed_settings(base, merchants, task, local_cfg, spec: EvalSpec, epsil
         noise_multiplier="auto", planned_rounds=plan.steps, min_survivors=None, grad_sample_mode="hooks",
     )
     federation = dataclasses.replace(base.federation, stores_per_round=k, eval_stores_per_round=k, rounds=plan.steps)
-    return dataclasses.replace(base, privacy=privacy, federation=federation)
+    task_cfg = dataclasses.replace(base.task, popularity_prior=True) if prior else base.task
+    return dataclasses.replace(base, privacy=privacy, federation=federation, task=task_cfg)
 
 
 def machine_description(threads: int) -> str:

@@ -24,10 +24,11 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from storefed.client import client_app
-from storefed.client.distributed_round import distributed_share
+from storefed.client.distributed_round import distributed_share, prior_share
 from storefed.config.schema import RunConfig
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import build_task
+from storefed.privacy.skellam import decode
 from storefed.server.distributed_dp import DistributedUpdate
 from storefed.server.run_setup import prepare_run
 from storefed.server.strategy import build_strategy
@@ -119,9 +120,12 @@ def run_distributed(settings: RunConfig, run_dir: Path) -> FederatedResult:
     setup = prepare_run(settings, run_dir)
     plan, to_clients = setup.skellam, setup.to_clients
     federation = settings.federation
-    update = DistributedUpdate(setup.shared, plan, float(to_clients.privacy.sample_rate), settings.task.optimizer,
-                               settings.task.lr)
     state = {k: v.clone() for k, v in setup.shared.items()}
+    if setup.prior is not None:  # one-shot DP popularity release through the same integer path
+        shares = [prior_share(to_clients, 0, {"partition-id": p}) for p in range(federation.num_stores)]
+        state = setup.task.apply_prior(state, decode(np.sum([s.message for s in shares], axis=0), setup.prior))
+    update = DistributedUpdate(state, plan, float(to_clients.privacy.sample_rate), settings.task.optimizer,
+                               settings.task.lr)
     result = FederatedResult(state={}, planned_rounds=settings.privacy.planned_rounds or federation.rounds)
     rng = np.random.default_rng(settings.seed)
     quiet = logging.getLogger("flwr")

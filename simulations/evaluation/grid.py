@@ -19,13 +19,14 @@ from storefed.data.partition import SCHEMES
 # Methods per task, in report order. "*_dp" methods run once per epsilon.
 RECOMMENDER_METHODS = (
     "popularity", "centralized", "centralized_dp", "local", "federated", "federated_dp", "federated_dp_distributed",
+    "federated_dp_distributed_prior",
 )
 REVIEW_METHODS = (
     "majority", "tfidf_logreg", "centralized", "centralized_dp", "local", "federated", "federated_dp",
     "federated_dp_distributed",
 )
 METHODS = {"recommender": RECOMMENDER_METHODS, "review": REVIEW_METHODS}
-DP_METHODS = ("centralized_dp", "federated_dp", "federated_dp_distributed")
+DP_METHODS = ("centralized_dp", "federated_dp", "federated_dp_distributed", "federated_dp_distributed_prior")
 STRATEGIES = ("fedavg", "fedprox")  # strategies whose aggregation needs no server-side state
 
 

@@ -34,6 +34,7 @@ METHOD_LABELS = {
     "federated": "federated, non-private",
     "federated_dp": "federated DP, local mode (noise at each merchant)",
     "federated_dp_distributed": "federated DP, distributed mode (Skellam shares, secure sum)",
+    "federated_dp_distributed_prior": "federated DP, distributed mode + DP popularity prior (same budget)",
 }
 
 

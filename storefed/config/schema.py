@@ -28,6 +28,10 @@ class RecommenderConfig:
     batch_size: int = 256  # expected Poisson batch size
     lr: float = 0.03
     optimizer: str = "adam"  # adam | sgd
+    # privacy.mode=distributed: before training, one DP release of item popularity through the same
+    # integer path (each customer's distinct items, L2 norm 1) initialises the output bias
+    popularity_prior: bool = False
+    prior_noise_multiplier: float = 3.0  # noise std / per-customer L2 bound of that release
 
 
 @dataclass

@@ -92,6 +92,11 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
     if isinstance(task, s.RecommenderConfig):
         for key in ("embedding_dim", "max_history", "top_k", "sampled_candidates"):
             _at_least(f"task.{key}", getattr(task, key), 1)
+        _positive("task.prior_noise_multiplier", task.prior_noise_multiplier)
+        privacy = getattr(cfg, "privacy", None)
+        if task.popularity_prior and (privacy is None or privacy.mode != "distributed"):
+            _fail("task.popularity_prior", True, "needs privacy.mode=distributed (the release goes through its "
+                  "integer noise shares and secure sum)")
     else:
         _choice("task.labels", task.labels, ("polarity", "three_class"))
         _choice("task.pooling", task.pooling, ("mean", "cls"))
