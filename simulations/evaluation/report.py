@@ -181,6 +181,12 @@ def write_results(run_dir: Path, task: str, meta: dict, rows: list[dict]) -> dic
         f"Poisson sampling. Federated: {meta['rounds']} rounds, {meta['participation']}; centralized and local-only: "
         f"{meta['rounds']} x {meta['local_epochs']} epochs. Path: {meta['federated_path']}."
     )
+    if any(r["method"].startswith("federated_dp_distributed") for r in rows):
+        header += (
+            " Distributed mode: one DP-SGD step per round over all merchants' units, with centralized DP's sampling "
+            "rate and number of steps (so as many rounds as centralized DP takes steps), Skellam RDP accountant "
+            "(population-level epsilon), integer shares summed in process (SecAgg+ carries them exactly)."
+        )
     paths = {"json": run_dir / "results.json", "csv": run_dir / "results.csv", "md": run_dir / "results.md"}
     payload = {"meta": meta, "rows": rows, "summary": summary}
     atomic_write_text(paths["json"], json.dumps(_json_safe(payload), indent=2, default=str))
