@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from storefed.client.training_round import load_round, log, merchant_privacy
+from storefed.client.training_round import group_size, load_round, log, merchant_privacy, person_budget
 from storefed.data.sources import load_for_node
 from storefed.models.task import Task, build_task
 from storefed.privacy.delta_check import delta_problem
 from storefed.privacy.dp_sgd import clipped_gradient_sum
-from storefed.privacy.ledger import open_ledger
+from storefed.privacy.ledger import distributed_record, open_ledger
+from storefed.privacy.person_budget import person_refusal
 from storefed.privacy.skellam import SkellamPlan, encode
 from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, RoundConfig
 
@@ -70,6 +71,10 @@ def distributed_share(
     if not reason and ledger.epsilon_after_distributed(plan, q) > privacy.epsilon:
         reason = (f"privacy budget exhausted: {ledger.epsilon_spent:.3f} of epsilon {privacy.epsilon:g} spent "
                   f"(delta={privacy.delta:g}, per {task.privacy_unit}); this distributed round would exceed it")
+    k = group_size(task, data)
+    person = None
+    if not reason:
+        person, reason = person_refusal(ledger, distributed_record(plan, q), person_budget(privacy), k)
     metrics = {key: 0.0 for key in TRAIN_METRIC_KEYS} | {
         NUM_EXAMPLES: len(dataset), "dp": 1, "sample_rate": q, "noise_multiplier": plan.noise_multiplier,
         "epsilon_budget": privacy.epsilon, "delta": privacy.delta,
@@ -81,6 +86,8 @@ def distributed_share(
         metrics |= {"refused": 1, "epsilon_total": ledger.epsilon_spent}
         return DistributedShare(message, metrics, {"refusal": reason or f"no {task.privacy_unit} examples"})
 
+    if k is not None:
+        ledger.group_size = max(ledger.group_size or 0, k)
     sampled = np.flatnonzero(rng.random(len(dataset)) < q)
     model.to(device).train()
     signal, loss = clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names)
@@ -93,7 +100,7 @@ def distributed_share(
         privacy.delta, task.privacy_unit, q, record.epsilon_own_share_total,
     )
     metrics |= {"train_loss": loss, "steps": 1, "epsilon_round": record.epsilon_round,
-                "epsilon_total": record.epsilon_total}
+                "epsilon_total": record.epsilon_total, "epsilon_person": person.epsilon}
     guarantee = (
         f"({record.epsilon_total:.3f}, {privacy.delta:g})-DP per {task.privacy_unit} at the population level "
         f"(distributed mode, Skellam RDP accountant, Poisson sampling), assuming secure aggregation; "

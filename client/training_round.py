@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
@@ -26,7 +27,8 @@ from storefed.models.task import Task, build_task
 from storefed.privacy.accounting import plan_noise_multiplier
 from storefed.privacy.delta_check import delta_problem
 from storefed.privacy.dp_sgd import plan_sampling, unwrap
-from storefed.privacy.ledger import PrivacyLedger, open_ledger
+from storefed.privacy.ledger import PrivacyLedger, local_record, open_ledger
+from storefed.privacy.person_budget import person_refusal
 from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, MerchantPrivacy, RoundConfig
 
 log = logging.getLogger("flwr")  # Flower configures its handlers: lines reach the merchant console
@@ -54,13 +56,25 @@ def load_round(
 
 def merchant_privacy(proposed: MerchantPrivacy, node_config: dict[str, Any]) -> MerchantPrivacy:
     """The coordinator's proposal, overridden by the merchant's own node config (budget, delta, ledger)."""
-    own = {key: node_config[node_key] for node_key, key in
-           (("epsilon-budget", "epsilon"), ("delta", "delta"), ("ledger-dir", "ledger_dir")) if node_key in node_config}
-    if "epsilon" in own:
-        own["epsilon"] = float(own["epsilon"])
-    if "delta" in own:
-        own["delta"] = float(own["delta"])
+    pairs = (("epsilon-budget", "epsilon"), ("person-epsilon-budget", "person_epsilon"), ("delta", "delta"),
+             ("ledger-dir", "ledger_dir"))
+    own = {key: node_config[node_key] for node_key, key in pairs if node_key in node_config}
+    for key in ("epsilon", "person_epsilon", "delta"):
+        if key in own:
+            own[key] = float(own[key])
     return dataclasses.replace(proposed, **own)
+
+
+def person_budget(privacy: MerchantPrivacy) -> float:
+    """The per-customer budget across tasks (``privacy.person_epsilon``); unset: reported, not enforced."""
+    return math.inf if privacy.person_epsilon is None else float(privacy.person_epsilon)
+
+
+def group_size(task: Task, data: MerchantData) -> int | None:
+    """Review unit: the most reviews one customer has (person budget by group privacy); else None."""
+    if task.privacy_unit != "review" or len(data.reviews.user) == 0:
+        return None
+    return int(np.bincount(data.reviews.user).max())
 
 
 def refusal(reason: str, ledger: PrivacyLedger | None, budget: float, delta: float) -> TrainOutcome:
@@ -113,20 +127,27 @@ def train_round(
             f"(delta={delta:g}, per {task.privacy_unit}); this round would exceed it"
         )
         return refusal(reason, ledger, budget, delta)
+    k = group_size(task, data)
+    person, reason = person_refusal(ledger, local_record(noise, plan.sample_rate, plan.steps), person_budget(privacy), k)
+    if reason:
+        return refusal(reason, ledger, budget, delta)
+    if k is not None:
+        ledger.group_size = max(ledger.group_size or 0, k)
 
     dp = DPParams(noise, privacy.max_grad_norm, privacy.grad_sample_mode)
     result = train_local(task, model, dataset, local, dp, device)
     record = ledger.record_round(config.run_id, server_round, noise, result.plan.sample_rate, result.steps)
     log.info(
         "StoreFed merchant %s round %d: trained %d DP steps, epsilon %.3f this round, %.3f of %g spent "
-        "(delta=%g, per %s, %s accountant, Poisson sampling)",
+        "(delta=%g, per %s, %s accountant, Poisson sampling); per customer across tasks %.3f (budget %g)",
         data.merchant_id, server_round, result.steps, record.epsilon_round, record.epsilon_total, budget, delta,
-        task.privacy_unit, ledger.accountant.upper(),
+        task.privacy_unit, ledger.accountant.upper(), person.epsilon, person_budget(privacy),
     )
     metrics = {
         NUM_EXAMPLES: result.num_units, "train_loss": result.mean_loss, "steps": result.steps, "refused": 0, "dp": 1,
         "noise_multiplier": noise, "sample_rate": result.plan.sample_rate, "epsilon_round": record.epsilon_round,
         "epsilon_total": record.epsilon_total, "epsilon_budget": budget, "delta": delta,
+        "epsilon_person": person.epsilon,
     }
     return TrainOutcome(
         metrics, shared_arrays(task, unwrap(model)),

@@ -73,6 +73,7 @@ class PrivacyLedger:
     accountant: str
     epsilon_budget: float
     rounds: list[RoundRecord] = field(default_factory=list)
+    group_size: int | None = None  # review unit: most training reviews of one customer used (person budget)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -85,11 +86,11 @@ class PrivacyLedger:
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Total epsilon if one more local round with these parameters were taken."""
-        return records_epsilon(self.rounds + [_gaussian(noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
+        return records_epsilon(self.rounds + [local_record(noise_multiplier, sample_rate, steps)], self.delta, self.accountant)
 
     def epsilon_after_distributed(self, plan: SkellamPlan, sample_rate: float) -> float:
         """Total epsilon if one more distributed round (population-level) were taken."""
-        return records_epsilon(self.rounds + [_distributed(plan, sample_rate)], self.delta, self.accountant)
+        return records_epsilon(self.rounds + [distributed_record(plan, sample_rate)], self.delta, self.accountant)
 
     def guarantee(self) -> str:
         return (
@@ -116,7 +117,7 @@ class PrivacyLedger:
     def record_distributed_round(self, run_id: str, server_round: int, plan: SkellamPlan, sample_rate: float) -> RoundRecord:
         """Append one distributed round (population-level epsilon) and persist before the share is released."""
         before = self.epsilon_spent
-        record = _distributed(plan, sample_rate, run_id, server_round)
+        record = distributed_record(plan, sample_rate, run_id, server_round)
         record.epsilon_total = records_epsilon(self.rounds + [record], self.delta, self.accountant)
         record.epsilon_round = record.epsilon_total - before
         record.epsilon_own_share_total = own_share_epsilon(self.rounds + [record], self.delta)
@@ -139,6 +140,7 @@ class PrivacyLedger:
             "epsilon_budget": self.epsilon_budget,
             "epsilon_spent": self.epsilon_spent,
             "rounds": [asdict(r) for r in self.rounds],
+            "group_size": self.group_size,
         }
         atomic_write_text(self.path, json.dumps(payload, indent=2))
 
@@ -176,14 +178,28 @@ def open_ledger(
             f"this run asks for unit={unit}, delta={delta:g}, accountant={accountant}. "
             "Use the ledger's settings, or a new ledger directory for a separate guarantee."
         )
-    return PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget, rounds)
+    group = payload.get("group_size")
+    return PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget, rounds,
+                         None if group is None else int(group))
 
 
-def _gaussian(noise_multiplier: float, sample_rate: float, steps: int) -> RoundRecord:
+def other_ledgers(ledger: PrivacyLedger) -> list[PrivacyLedger]:
+    """The same merchant's ledgers of its other tasks, in the same directory (for the person budget)."""
+    out = []
+    for path in sorted(ledger.path.parent.glob(f"{_safe(ledger.merchant_id)}.*.ledger.json")):
+        task = path.name[len(_safe(ledger.merchant_id)) + 1: -len(".ledger.json")]
+        if task != ledger.task and path.is_file():
+            payload = json.loads(path.read_text(encoding="utf-8"))
+            out.append(open_ledger(path.parent, ledger.merchant_id, task, payload["unit"], float(payload["delta"]),
+                                   payload["accountant"], float(payload["epsilon_budget"])))
+    return out
+
+
+def local_record(noise_multiplier: float, sample_rate: float, steps: int) -> RoundRecord:
     return RoundRecord("", 0, noise_multiplier, sample_rate, steps, 0.0, 0.0, 0.0)
 
 
-def _distributed(plan: SkellamPlan, sample_rate: float, run_id: str = "", server_round: int = 0) -> RoundRecord:
+def distributed_record(plan: SkellamPlan, sample_rate: float, run_id: str = "", server_round: int = 0) -> RoundRecord:
     return RoundRecord(run_id, server_round, plan.noise_multiplier, sample_rate, 1, 0.0, 0.0, time.time(),
                        mechanism="skellam", skellam=asdict(plan))
 

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from storefed.privacy.accounting import check_accountant
-from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord, records_epsilon
+from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord, open_ledger, records_epsilon
 
 LEDGER_GLOB = "*.ledger.json"
 
@@ -63,6 +63,33 @@ def _row(path: Path) -> dict:
         "epsilon_left": max(budget - spent, 0.0),
         "epsilon_cached": cached,
     }
+
+
+def person_status(directory: str | Path) -> list[dict]:
+    """Per merchant: the per-customer epsilon composed over all its task ledgers (privacy/person_budget.py)."""
+    from storefed.privacy.person_budget import person_epsilon
+
+    rows = ledger_status(directory)
+    out = []
+    for merchant in sorted({r["merchant_id"] for r in rows}):
+        mine = [r for r in rows if r["merchant_id"] == merchant]
+        ledgers = [open_ledger(Path(r["file"]).parent, merchant, r["task"], r["unit"], r["delta"], r["accountant"],
+                               r["epsilon_budget"]) for r in mine]
+        delta = min(r["delta"] for r in mine)
+        view = person_epsilon(ledgers, delta)
+        out.append({"merchant_id": merchant, "epsilon": view.epsilon, "delta": delta, "per_task": view.per_task,
+                    "method": view.method})
+    return out
+
+
+def format_person_status(rows: list[dict]) -> str:
+    """One line per merchant: the per-customer composed epsilon next to each task's own."""
+    lines = []
+    for r in rows:
+        tasks = ", ".join(f"{task} {eps:.3f}" for task, eps in sorted(r["per_task"].items()))
+        lines.append(f"{r['merchant_id']}  per customer, all tasks: epsilon {r['epsilon']:.3f} "
+                     f"(delta={r['delta']:g}; tasks: {tasks}; {r['method']})")
+    return "\n".join(lines)
 
 
 def format_ledger_status(rows: list[dict]) -> str:

@@ -44,6 +44,7 @@ def merchant_privacy(privacy: PrivacyConfig, federation: FederationConfig, run_d
     return MerchantPrivacy(
         enabled=privacy.enabled,
         epsilon=privacy.epsilon,
+        person_epsilon=privacy.person_epsilon,
         delta=privacy.delta,
         unit=privacy.unit,
         max_grad_norm=privacy.max_grad_norm,

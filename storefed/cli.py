@@ -103,10 +103,18 @@ def cmd_merchant(overrides: list[str]) -> int:
     from storefed.data.merchant_files import MerchantDataError
 
     if overrides[:1] == ["status"]:
-        from storefed.privacy.ledger_status import format_ledger_status, ledger_status
+        from storefed.privacy.ledger_status import (
+            format_ledger_status,
+            format_person_status,
+            ledger_status,
+            person_status,
+        )
 
         cfg = compose("merchant_status", overrides[1:])
-        print(format_ledger_status(ledger_status(Path(cfg.ledger_dir))))
+        rows = ledger_status(Path(cfg.ledger_dir))
+        print(format_ledger_status(rows))
+        if rows:
+            print(format_person_status(person_status(Path(cfg.ledger_dir))))
         return 0
     cfg = compose("merchant", overrides)
 

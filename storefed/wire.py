@@ -27,7 +27,7 @@ RELEASE_KEY = "distributed-release"  # distributed fit config: "prior" in the ro
 # Every train reply's MetricRecord carries exactly these keys (refusals too, zero-filled).
 TRAIN_METRIC_KEYS = (
     NUM_EXAMPLES, "train_loss", "steps", "refused", "dp", "noise_multiplier", "sample_rate",
-    "epsilon_round", "epsilon_total", "epsilon_budget", "delta",
+    "epsilon_round", "epsilon_total", "epsilon_budget", "delta", "epsilon_person",
 )
 
 
@@ -37,6 +37,7 @@ class MerchantPrivacy:
 
     enabled: bool = True
     epsilon: float = 8.0  # total budget per task, across all rounds and runs
+    person_epsilon: Optional[float] = None  # per-customer budget across tasks (None: reported, not enforced)
     delta: float = 1e-5
     unit: Optional[str] = None  # None: the task's unit
     max_grad_norm: float = 1.0

@@ -71,6 +71,7 @@ class PrivacyConfig:
 
     enabled: bool = True
     epsilon: float = 8.0  # each merchant's total budget per task, across all rounds and runs
+    person_epsilon: Optional[float] = None  # per-customer budget across all tasks (null: reported, not enforced)
     delta: float = 1e-5  # must be below 1/(DP units at the merchant)
     unit: Optional[str] = None  # null: the task's unit; user: one customer's whole contribution
     max_grad_norm: float = 1.0  # per-unit L2 clipping norm

@@ -121,6 +121,8 @@ def _privacy(privacy: s.PrivacyConfig, cfg: Any) -> None:
         _distributed(privacy, cfg)
     if privacy.enabled:
         _positive("privacy.epsilon", privacy.epsilon)
+        if privacy.person_epsilon is not None:
+            _positive("privacy.person_epsilon", privacy.person_epsilon)
         _open_unit("privacy.delta", privacy.delta)
         _positive("privacy.max_grad_norm", privacy.max_grad_norm)
         noise = noise_multiplier_value(privacy.noise_multiplier)

@@ -1,0 +1,105 @@
+"""One person, one budget: a customer's privacy loss across every task a merchant trains.
+
+A customer who bought and reviewed is in the recommender's data (one customer unit) and in the review
+model's (one reviewer unit, or k review units). Their loss is the composition of both tasks' mechanisms:
+
+- **customer-level ledgers** (recommender: customer; review model with ``privacy.unit=user``: reviewer)
+  compose exactly in RDP: their RDP curves (local Gaussian steps and distributed Skellam rounds) add up
+  per order, then one conversion at ``delta`` (privacy/skellam.epsilon);
+- a **review-level** ledger covers a customer with k reviews only through group privacy: its
+  (eps_r, delta_r) becomes (k eps_r, k e^((k-1) eps_r) delta_r) for the group (Dwork & Roth, Thm 2.2
+  generalised), composed with the customer-level part by adding epsilons and deltas; delta is split
+  in half between the two parts. This is conservative; the reviewer unit is the tight choice.
+
+``k`` is the largest number of training reviews of one customer the merchant has used, stored in the
+review ledger (``group_size``). The merchant enforces ``privacy.person_epsilon``: a round of either task
+whose composed per-customer epsilon would exceed it is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from storefed.privacy.ledger import PrivacyLedger, RoundRecord, other_ledgers
+from storefed.privacy.skellam import SkellamPlan
+from storefed.privacy.skellam import epsilon as composed_epsilon
+
+CUSTOMER_LEVEL_UNITS = ("customer", "reviewer")
+
+
+@dataclass(frozen=True)
+class PersonView:
+    """The per-customer epsilon over a merchant's ledgers (one per task)."""
+
+    epsilon: float
+    delta: float
+    per_task: dict[str, float]  # each task's own epsilon (its ledger's unit)
+    method: str  # how the tasks were composed (printed next to the number)
+
+
+def _entries(records: list[RoundRecord]):
+    gaussian = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.mechanism == "gaussian"]
+    skellam = [(SkellamPlan(**r.skellam), r.sample_rate, r.steps) for r in records if r.mechanism == "skellam"]
+    return gaussian, skellam
+
+
+def _rdp_epsilon(records: list[RoundRecord], delta: float) -> float:
+    gaussian, skellam = _entries(records)
+    return composed_epsilon(skellam, delta, gaussian) if (gaussian or skellam) else 0.0
+
+
+def person_epsilon(ledgers: list[PrivacyLedger], delta: float, extra: dict[str, RoundRecord] | None = None,
+                   group_size: int | None = None) -> PersonView:
+    """Composed per-customer epsilon at ``delta`` over ``ledgers`` (+ one candidate round per task in ``extra``).
+    ``group_size`` overrides the review ledgers' stored k (reviews of one customer)."""
+    extra = extra or {}
+    per_task, customer, review = {}, [], []
+    for ledger in ledgers:
+        records = ledger.rounds + ([extra[ledger.task]] if ledger.task in extra else [])
+        per_task[ledger.task] = ledger.epsilon_spent if ledger.task not in extra else _rdp_epsilon(records, ledger.delta)
+        (customer if ledger.unit in CUSTOMER_LEVEL_UNITS else review).append((ledger, records))
+    customer_records = [r for _, records in customer for r in records]
+    if not review:
+        return PersonView(_rdp_epsilon(customer_records, delta), delta, per_task,
+                          "RDP composition of customer-level ledgers")
+    k = max(group_size or 0, max((led.group_size or 1) for led, _ in review))
+    review_records = [r for _, records in review for r in records]
+    eps_c = _rdp_epsilon(customer_records, delta / 2) if customer_records else 0.0
+    eps_r = _group_epsilon(review_records, k, delta / 2)
+    return PersonView(eps_c + eps_r, delta, per_task,
+                      f"customer-level ledgers by RDP, review-level ledgers by group privacy for k={k} reviews, "
+                      "combined by basic composition (delta split in half)")
+
+
+def _group_epsilon(records: list[RoundRecord], k: int, delta: float) -> float:
+    """k * eps_r(delta_r) with k e^((k-1) eps_r) delta_r = delta (bisection on log delta_r)."""
+    if not records:
+        return 0.0
+    if k <= 1:
+        return _rdp_epsilon(records, delta)
+    low, high = math.log(delta) - 200.0, math.log(delta / k)
+    for _ in range(60):
+        mid = (low + high) / 2
+        eps_r = _rdp_epsilon(records, math.exp(mid))
+        if math.log(k) + (k - 1) * eps_r + mid <= math.log(delta):
+            low = mid
+        else:
+            high = mid
+    return k * _rdp_epsilon(records, math.exp(low))
+
+
+def person_refusal(
+    ledger: PrivacyLedger, candidate: RoundRecord, person_budget: float, group_size: int | None = None,
+) -> tuple[PersonView, str | None]:
+    """The composed view if ``candidate`` (a round of ``ledger``'s task) were taken, and why it must be
+    refused (None when it fits ``person_budget``)."""
+    view = person_epsilon([ledger, *other_ledgers(ledger)], ledger.delta, {ledger.task: candidate}, group_size)
+    if view.epsilon <= person_budget:
+        return view, None
+    tasks = ", ".join(f"{task} {eps:.3f}" for task, eps in sorted(view.per_task.items()))
+    return view, (
+        f"per-customer budget across tasks exhausted: this round would bring a customer's composed epsilon to "
+        f"{view.epsilon:.3f} > privacy.person_epsilon={person_budget:g} (delta={view.delta:g}; {tasks}; "
+        f"{view.method})"
+    )
