@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass
 
 from storefed.privacy.ledger import PrivacyLedger, RoundRecord, other_ledgers
-from storefed.privacy.skellam import SkellamPlan
+from storefed.privacy.skellam import SkellamPlan, epsilon_of_rdp, rdp_total
 from storefed.privacy.skellam import epsilon as composed_epsilon
 
 CUSTOMER_LEVEL_UNITS = ("customer", "reviewer")
@@ -47,6 +47,11 @@ def _entries(records: list[RoundRecord]):
 def _rdp_epsilon(records: list[RoundRecord], delta: float) -> float:
     gaussian, skellam = _entries(records)
     return composed_epsilon(skellam, delta, gaussian) if (gaussian or skellam) else 0.0
+
+
+def _rdp_curve(records: list[RoundRecord]):
+    gaussian, skellam = _entries(records)
+    return rdp_total(skellam, gaussian)
 
 
 def person_epsilon(ledgers: list[PrivacyLedger], delta: float, extra: dict[str, RoundRecord] | None = None,
@@ -78,15 +83,16 @@ def _group_epsilon(records: list[RoundRecord], k: int, delta: float) -> float:
         return 0.0
     if k <= 1:
         return _rdp_epsilon(records, delta)
+    curve = _rdp_curve(records)  # composed once; only the conversion's delta changes below
     low, high = math.log(delta) - 200.0, math.log(delta / k)
     for _ in range(60):
         mid = (low + high) / 2
-        eps_r = _rdp_epsilon(records, math.exp(mid))
+        eps_r = epsilon_of_rdp(curve, math.exp(mid))
         if math.log(k) + (k - 1) * eps_r + mid <= math.log(delta):
             low = mid
         else:
             high = mid
-    return k * _rdp_epsilon(records, math.exp(low))
+    return k * epsilon_of_rdp(curve, math.exp(low))
 
 
 def person_refusal(

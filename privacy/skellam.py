@@ -149,19 +149,39 @@ def epsilon(
 ) -> float:
     """(epsilon, delta) after composing Skellam ``(plan, q, steps)`` rounds and Poisson-subsampled Gaussian
     ``(noise_multiplier, q, steps)`` steps (local DP-SGD), RDP added per order, Opacus' conversion."""
-    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
     if not rounds and not gaussian:
         return 0.0
+    return epsilon_of_rdp(rdp_total(rounds, gaussian, orders), delta, orders)
+
+
+def rdp_total(
+    rounds: list[tuple[SkellamPlan, float, int]], gaussian: list[tuple[float, float, int]] = (),
+    orders: tuple[int, ...] = ORDERS,
+) -> np.ndarray:
+    """The composed RDP curve (per order) of Skellam rounds and Poisson-subsampled Gaussian steps."""
     total = np.zeros(len(orders))
     for plan, q, steps in rounds:
         total += steps * rdp_curve(plan, float(q), orders)
     for sigma, q, steps in gaussian:
-        total += steps * np.asarray(compute_rdp(q=float(q), noise_multiplier=float(sigma), steps=1, orders=list(orders)))
+        total += steps * _gaussian_curve(float(q), float(sigma), orders)
+    return total
+
+
+def epsilon_of_rdp(total: np.ndarray, delta: float, orders: tuple[int, ...] = ORDERS) -> float:
+    """(epsilon, delta) of a composed RDP curve, Opacus' conversion."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
     with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is still valid
         warnings.simplefilter("ignore", UserWarning)
         eps, _ = get_privacy_spent(orders=list(orders), rdp=total, delta=delta)
     return float(eps)
+
+
+@lru_cache(maxsize=4096)
+def _gaussian_curve(q: float, sigma: float, orders: tuple[int, ...]) -> np.ndarray:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)))
 
 
 def plan_noise(
