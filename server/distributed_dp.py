@@ -38,7 +38,11 @@ def prior_plan(settings: RunConfig, dim: int) -> SkellamPlan | None:
     if not getattr(task, "popularity_prior", False):
         return None
     gamma = choose_gamma(dim, 1.0, settings.privacy.rounding_overhead)
-    return SkellamPlan(dim, 1.0, task.prior_noise_multiplier, gamma, noise_shares(settings))
+    if task.prior_noise_multiplier is not None:
+        return SkellamPlan(dim, 1.0, task.prior_noise_multiplier, gamma, noise_shares(settings))
+    privacy = settings.privacy
+    return plan_noise(task.prior_budget_fraction * privacy.epsilon, privacy.delta, 1.0, 1, dim, 1.0,
+                      noise_shares(settings), privacy.rounding_overhead)
 
 
 def distributed_plan(settings: RunConfig, dim: int, prior: SkellamPlan | None = None) -> SkellamPlan:

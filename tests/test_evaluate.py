@@ -99,7 +99,7 @@ def test_every_cell_has_every_method_on_the_same_test_customers(recommender_run,
     expected = {
         ("popularity", None), ("local_popularity", None), ("centralized", None), ("local", None),
         ("federated", None), ("centralized_dp", 1.0), ("centralized_dp", 8.0), ("federated_dp", 1.0),
-        ("federated_dp", 8.0),
+        ("federated_dp", 8.0), ("federated_dp_distributed", 1.0), ("federated_dp_distributed", 8.0),
     }
     test_customers = _customers_with_test_case(_amazon_rows())
     for partition in ("iid", "dirichlet"):
@@ -119,7 +119,12 @@ def test_every_cell_has_every_method_on_the_same_test_customers(recommender_run,
 def test_dp_rows_state_their_guarantee_and_stay_within_budget(recommender_run):
     run_dir, results = recommender_run
     for r in results["rows"]:
-        if r["method"].endswith("_dp"):
+        if r["method"] == "federated_dp_distributed":
+            assert r["private"] and r["unit"] == "customer" and r["delta"] == 1e-5
+            assert r["accountant"] == "skellam-rdp (population-level)"
+            assert 0 < r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9)
+            assert r["details"]["rounds"] >= 2 and r["details"]["trained_updates"] == 3 * r["details"]["rounds"]
+        elif r["method"].endswith("_dp"):
             assert r["private"] and r["unit"] == "customer" and r["delta"] == 1e-5 and r["accountant"] == "rdp"
             assert 0 < r["epsilon_spent"] <= r["epsilon"] * (1 + 1e-9)
         else:

@@ -206,6 +206,7 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
                         "sample_rate": dist.privacy.sample_rate, "noise_multiplier": result.noise_multipliers[0],
                         "mode": "distributed (Skellam shares, one DP-SGD step per round over all merchants' units)"}
                 add(method, metrics, time.time() - t0, epsilon, info)
+                rows[-1]["accountant"] = "skellam-rdp (population-level)"
             else:  # federated, federated_dp
                 fed = dataclasses.replace(base, privacy=dataclasses.replace(
                     privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf")))

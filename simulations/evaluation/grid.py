@@ -26,6 +26,7 @@ REVIEW_METHODS = (
     "federated_dp_distributed",
 )
 METHODS = {"recommender": RECOMMENDER_METHODS, "review": REVIEW_METHODS}
+OPTIONAL_METHODS = ("federated_dp_distributed_prior",)  # run only when named in evaluate.methods
 DP_METHODS = ("centralized_dp", "federated_dp", "federated_dp_distributed", "federated_dp_distributed_prior")
 STRATEGIES = ("fedavg", "fedprox")  # strategies whose aggregation needs no server-side state
 
@@ -105,7 +106,7 @@ def build_spec(settings: EvaluateConfig) -> EvalSpec:
         raise ValueError(f"evaluate.epsilons={raw} must be numbers, e.g. evaluate.epsilons=[1,3,8]") from None
     if any(not (e > 0 and math.isfinite(e)) for e in epsilons):
         raise ValueError(f"evaluate.epsilons={epsilons}: every epsilon must be a finite number > 0")
-    methods = ev.get("methods") or list(METHODS[task])
+    methods = ev.get("methods") or [m for m in METHODS[task] if m not in OPTIONAL_METHODS]
     methods = methods if isinstance(methods, list) else [methods]
     unknown = [m for m in methods if m not in METHODS[task]]
     if unknown:

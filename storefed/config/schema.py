@@ -31,7 +31,8 @@ class RecommenderConfig:
     # privacy.mode=distributed: before training, one DP release of item popularity through the same
     # integer path (each customer's distinct items, L2 norm 1) initialises the output bias
     popularity_prior: bool = False
-    prior_noise_multiplier: float = 3.0  # noise std / per-customer L2 bound of that release
+    prior_noise_multiplier: Optional[float] = None  # noise std / per-customer L2 bound; null: planned so the
+    prior_budget_fraction: float = 0.15  #   release costs this fraction of privacy.epsilon (alone)
 
 
 @dataclass

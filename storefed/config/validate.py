@@ -92,7 +92,9 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
     if isinstance(task, s.RecommenderConfig):
         for key in ("embedding_dim", "max_history", "top_k", "sampled_candidates"):
             _at_least(f"task.{key}", getattr(task, key), 1)
-        _positive("task.prior_noise_multiplier", task.prior_noise_multiplier)
+        if task.prior_noise_multiplier is not None:
+            _positive("task.prior_noise_multiplier", task.prior_noise_multiplier)
+        _open_unit("task.prior_budget_fraction", task.prior_budget_fraction)
         privacy = getattr(cfg, "privacy", None)
         if task.popularity_prior and (privacy is None or privacy.mode != "distributed"):
             _fail("task.popularity_prior", True, "needs privacy.mode=distributed (the release goes through its "
