@@ -106,13 +106,7 @@ class PrivacyLedger:
         before = self.epsilon_spent
         after = self.epsilon_after(noise_multiplier, sample_rate, steps)
         record = RoundRecord(run_id, server_round, noise_multiplier, sample_rate, steps, after - before, after, time.time())
-        self.rounds.append(record)
-        try:
-            self.save()
-        except BaseException:
-            self.rounds.pop()
-            raise
-        return record
+        return self._append(record)
 
     def record_distributed_round(self, run_id: str, server_round: int, plan: SkellamPlan, sample_rate: float) -> RoundRecord:
         """Append one distributed round (population-level epsilon) and persist before the share is released."""
@@ -121,6 +115,10 @@ class PrivacyLedger:
         record.epsilon_total = records_epsilon(self.rounds + [record], self.delta, self.accountant)
         record.epsilon_round = record.epsilon_total - before
         record.epsilon_own_share_total = own_share_epsilon(self.rounds + [record], self.delta)
+        return self._append(record)
+
+    def _append(self, record: RoundRecord) -> RoundRecord:
+        """Add ``record`` and write the ledger atomically; on a failed write the ledger is left as it was."""
         self.rounds.append(record)
         try:
             self.save()

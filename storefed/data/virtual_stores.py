@@ -17,6 +17,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from storefed.config.schema import GeneratorConfig
 from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews
 
 POSITIVE_WORDS = (
@@ -33,25 +34,12 @@ NEUTRAL_WORDS = (
 ).split()
 
 
-@dataclass(frozen=True)
-class StoreGeneratorConfig:
-    """Shape of the virtual world. Sizes are counts; ``taste_strength`` scales the signal."""
+@dataclass(unsafe_hash=True)
+class StoreGeneratorConfig(GeneratorConfig):
+    """The generator's settings (defaults in storefed.config.schema.GeneratorConfig) plus the world's seed.
+    Hashable (stores are cached per config); treat it as read-only."""
 
     seed: int = 0
-    num_items: int = 1000
-    num_categories: int = 20
-    latent_dim: int = 16
-    popularity_exponent: float = 0.8
-    taste_strength: float = 6.0
-    mean_customers: float = 150.0
-    sigma_customers: float = 0.7
-    min_customers: int = 12
-    max_customers: int = 2000
-    category_alpha: float = 0.5
-    mean_interactions: float = 10.0
-    review_probability: float = 0.2
-    review_noise: float = 0.1
-    start_time: int = 1_600_000_000
 
 
 def _rng(*keys: int) -> np.random.Generator:
