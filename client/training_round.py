@@ -139,9 +139,10 @@ def train_round(
     record = ledger.record_round(config.run_id, server_round, noise, result.plan.sample_rate, result.steps)
     log.info(
         "StoreFed merchant %s round %d: trained %d DP steps, epsilon %.3f this round, %.3f of %g spent "
-        "(delta=%g, per %s, %s accountant, Poisson sampling); per customer across tasks %.3f (budget %g)",
+        "(delta=%g, per %s, %s accountant, Poisson sampling); per customer across tasks %.3f (%s)",
         data.merchant_id, server_round, result.steps, record.epsilon_round, record.epsilon_total, budget, delta,
-        task.privacy_unit, ledger.accountant.upper(), person.epsilon, person_budget(privacy),
+        task.privacy_unit, ledger.accountant.upper(), person.epsilon,
+        "not enforced" if privacy.person_epsilon is None else f"budget {privacy.person_epsilon:g}",
     )
     metrics = {
         NUM_EXAMPLES: result.num_units, "train_loss": result.mean_loss, "steps": result.steps, "refused": 0, "dp": 1,

@@ -53,6 +53,12 @@ def _merge_repeats(history: list[HistoryEntry]) -> list[HistoryEntry]:
 
 
 _ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
+RDP_ORDERS = tuple(_ORDERS)  # the orders every Gaussian history is accounted at (Opacus' defaults)
+
+
+def rdp_one_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """RDP at ``RDP_ORDERS`` of one Poisson-subsampled Gaussian step (cached)."""
+    return _rdp_one_step(sample_rate, noise_multiplier)
 
 
 @lru_cache(maxsize=4096)

@@ -21,9 +21,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from storefed.privacy.accounting import RDP_ORDERS, rdp_one_step
 from storefed.privacy.ledger import PrivacyLedger, RoundRecord, other_ledgers
-from storefed.privacy.skellam import SkellamPlan, epsilon_of_rdp, rdp_total
-from storefed.privacy.skellam import epsilon as composed_epsilon
+from storefed.privacy.skellam import ORDERS, SkellamPlan, epsilon_of_rdp, rdp_total
 
 CUSTOMER_LEVEL_UNITS = ("customer", "reviewer")
 
@@ -45,13 +47,18 @@ def _entries(records: list[RoundRecord]):
 
 
 def _rdp_epsilon(records: list[RoundRecord], delta: float) -> float:
-    gaussian, skellam = _entries(records)
-    return composed_epsilon(skellam, delta, gaussian) if (gaussian or skellam) else 0.0
+    curve, orders = _rdp_curve(records)
+    return epsilon_of_rdp(curve, delta, orders) if records else 0.0
 
 
-def _rdp_curve(records: list[RoundRecord]):
+def _rdp_curve(records: list[RoundRecord]) -> tuple[np.ndarray, tuple]:
+    """The composed RDP curve and its orders: Opacus' own orders when every record is a local Gaussian
+    step (so one task alone reads exactly as its ledger), integer orders once a Skellam round is in."""
     gaussian, skellam = _entries(records)
-    return rdp_total(skellam, gaussian)
+    if skellam:
+        return rdp_total(skellam, gaussian), ORDERS
+    curve = sum((n * rdp_one_step(float(q), float(s)) for s, q, n in gaussian), np.zeros(len(RDP_ORDERS)))
+    return curve, RDP_ORDERS
 
 
 def person_epsilon(ledgers: list[PrivacyLedger], delta: float, extra: dict[str, RoundRecord] | None = None,
@@ -83,16 +90,16 @@ def _group_epsilon(records: list[RoundRecord], k: int, delta: float) -> float:
         return 0.0
     if k <= 1:
         return _rdp_epsilon(records, delta)
-    curve = _rdp_curve(records)  # composed once; only the conversion's delta changes below
+    curve, orders = _rdp_curve(records)  # composed once; only the conversion's delta changes below
     low, high = math.log(delta) - 200.0, math.log(delta / k)
     for _ in range(60):
         mid = (low + high) / 2
-        eps_r = epsilon_of_rdp(curve, math.exp(mid))
+        eps_r = epsilon_of_rdp(curve, math.exp(mid), orders)
         if math.log(k) + (k - 1) * eps_r + mid <= math.log(delta):
             low = mid
         else:
             high = mid
-    return k * epsilon_of_rdp(curve, math.exp(low))
+    return k * epsilon_of_rdp(curve, math.exp(low), orders)
 
 
 def person_refusal(
