@@ -16,10 +16,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from storefed.atomic_files import atomic_write_text
-from storefed.privacy.accounting import HistoryEntry, check_accountant, epsilon_of
-from storefed.privacy.skellam import SkellamPlan, share_only
-from storefed.privacy.skellam import epsilon as skellam_epsilon
+from storefed.privacy.accounting import RDP_ORDERS, HistoryEntry, check_accountant, epsilon_of, rdp_one_step
+from storefed.privacy.skellam import ORDERS, SkellamPlan, epsilon_of_rdp, rdp_total, share_only
 
 LEDGER_SCHEMA = 1
 
@@ -47,20 +48,39 @@ class RoundRecord:
     epsilon_own_share_total: float | None = None
 
 
+def _entries(records: list[RoundRecord], share_only_view: bool = False):
+    """(local Gaussian steps, distributed Skellam rounds) of ``records``, as the accountants take them."""
+    gaussian = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.mechanism == "gaussian"]
+    plan = share_only if share_only_view else (lambda p: p)
+    skellam = [(plan(SkellamPlan(**r.skellam)), r.sample_rate, r.steps) for r in records if r.mechanism == "skellam"]
+    return gaussian, skellam
+
+
+def records_rdp(records: list[RoundRecord], share_only_view: bool = False) -> tuple[np.ndarray, tuple]:
+    """The composed RDP curve of ``records`` and its orders: Opacus' own orders when every record is a
+    local Gaussian step (the ledger then reads exactly as Opacus), integer orders once a Skellam round is in."""
+    gaussian, skellam = _entries(records, share_only_view)
+    if skellam:
+        return rdp_total(skellam, gaussian), ORDERS
+    curve = sum((n * rdp_one_step(float(q), float(s)) for s, q, n in gaussian), np.zeros(len(RDP_ORDERS)))
+    return curve, RDP_ORDERS
+
+
 def records_epsilon(records: list[RoundRecord], delta: float, accountant: str) -> float:
     """Epsilon of every stored round composed (local steps and distributed rounds together)."""
-    gaussian = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.mechanism == "gaussian"]
-    distributed = [(SkellamPlan(**r.skellam), r.sample_rate, r.steps) for r in records if r.mechanism == "skellam"]
-    if not distributed:
+    if not records:
+        return 0.0
+    gaussian, skellam = _entries(records)
+    if not skellam:
         return epsilon_of(gaussian, delta, accountant)
-    return skellam_epsilon(distributed, delta, gaussian)
+    curve, orders = records_rdp(records)
+    return epsilon_of_rdp(curve, delta, orders)
 
 
 def own_share_epsilon(records: list[RoundRecord], delta: float) -> float:
     """Epsilon of the merchant's own distributed shares alone (plus its local steps), composed."""
-    gaussian = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.mechanism == "gaussian"]
-    shares = [(share_only(SkellamPlan(**r.skellam)), r.sample_rate, r.steps) for r in records if r.mechanism == "skellam"]
-    return skellam_epsilon(shares, delta, gaussian) if shares else epsilon_of(gaussian, delta, "rdp")
+    curve, orders = records_rdp(records, share_only_view=True)
+    return epsilon_of_rdp(curve, delta, orders) if records else 0.0
 
 
 @dataclass

@@ -21,11 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
-from storefed.privacy.accounting import RDP_ORDERS, rdp_one_step
-from storefed.privacy.ledger import PrivacyLedger, RoundRecord, other_ledgers
-from storefed.privacy.skellam import ORDERS, SkellamPlan, epsilon_of_rdp, rdp_total
+from storefed.privacy.ledger import PrivacyLedger, RoundRecord, other_ledgers, records_rdp
+from storefed.privacy.skellam import epsilon_of_rdp
 
 CUSTOMER_LEVEL_UNITS = ("customer", "reviewer")
 
@@ -40,25 +37,11 @@ class PersonView:
     method: str  # how the tasks were composed (printed next to the number)
 
 
-def _entries(records: list[RoundRecord]):
-    gaussian = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.mechanism == "gaussian"]
-    skellam = [(SkellamPlan(**r.skellam), r.sample_rate, r.steps) for r in records if r.mechanism == "skellam"]
-    return gaussian, skellam
-
-
 def _rdp_epsilon(records: list[RoundRecord], delta: float) -> float:
-    curve, orders = _rdp_curve(records)
-    return epsilon_of_rdp(curve, delta, orders) if records else 0.0
-
-
-def _rdp_curve(records: list[RoundRecord]) -> tuple[np.ndarray, tuple]:
-    """The composed RDP curve and its orders: Opacus' own orders when every record is a local Gaussian
-    step (so one task alone reads exactly as its ledger), integer orders once a Skellam round is in."""
-    gaussian, skellam = _entries(records)
-    if skellam:
-        return rdp_total(skellam, gaussian), ORDERS
-    curve = sum((n * rdp_one_step(float(q), float(s)) for s, q, n in gaussian), np.zeros(len(RDP_ORDERS)))
-    return curve, RDP_ORDERS
+    if not records:
+        return 0.0
+    curve, orders = records_rdp(records)
+    return epsilon_of_rdp(curve, delta, orders)
 
 
 def person_epsilon(ledgers: list[PrivacyLedger], delta: float, extra: dict[str, RoundRecord] | None = None,
@@ -90,7 +73,7 @@ def _group_epsilon(records: list[RoundRecord], k: int, delta: float) -> float:
         return 0.0
     if k <= 1:
         return _rdp_epsilon(records, delta)
-    curve, orders = _rdp_curve(records)  # composed once; only the conversion's delta changes below
+    curve, orders = records_rdp(records)  # composed once; only the conversion's delta changes below
     low, high = math.log(delta) - 200.0, math.log(delta / k)
     for _ in range(60):
         mid = (low + high) / 2
