@@ -4,10 +4,11 @@ Labels (``task.labels``): ``polarity`` maps ratings 1-2 -> negative (0), 4-5 -> 
 and drops 3-star reviews; ``three_class`` keeps 3 stars as neutral (negative 0, neutral 1,
 positive 2).
 
-Default model: a small BERT trained from scratch on a hashing tokenizer that learns nothing
-from merchant data; everything is federated. With ``task.pretrained_dir`` set, a local
-BERT-family checkpoint is loaded (never downloaded) with LoRA adapters; only the adapters and
-the classification head are federated.
+Models (``task.encoder``): ``frozen`` (default, :mod:`storefed.models.review_head`): a pretrained
+encoder, frozen, whose sentence features each merchant caches; only a linear head is DP-trained
+and federated. ``lora``: the same checkpoint with LoRA adapters (token-level, this module).
+``scratch``: a small BERT trained from scratch on a hashing tokenizer (this module). The
+checkpoint is the bundled all-MiniLM-L6-v2 or ``task.pretrained_dir``; never downloaded.
 """
 
 from __future__ import annotations
@@ -102,14 +103,16 @@ class MeanPooledBertClassifier(nn.Module):
 
 
 PRIVACY_UNITS = ("review", "user")
+ENCODERS = ("frozen", "lora", "scratch")
+LABEL_NAMES = {"polarity": ("negative", "positive"), "three_class": ("negative", "neutral", "positive")}
 
 
-class ReviewTask:
-    """Review sentiment classification; DP unit = review, or reviewer with ``privacy_unit=user``.
+class ReviewTaskBase:
+    """What every review model shares: labels, the deterministic split, class weights, the DP unit.
 
-    Reviewer level: one DP sample is one reviewer's ``max_reviews_per_user`` most recent training
-    reviews (older ones are not used), so the clipping norm bounds everything one reviewer
-    contributes to an update; the loss is the mean over that reviewer's reviews.
+    Reviewer level (``privacy_unit=user``): one DP sample is one reviewer's ``max_reviews_per_user``
+    most recent training reviews (older ones are not used), so the clipping norm bounds everything
+    one reviewer contributes to an update; the loss is the mean over that reviewer's reviews.
     """
 
     name = "review"
@@ -122,28 +125,16 @@ class ReviewTask:
         self.per_reviewer = unit == "user"
         self.privacy_unit = "reviewer" if self.per_reviewer else "review"
         self.max_reviews_per_user = cfg.max_reviews_per_user
-        if self.per_reviewer and cfg.pretrained_dir:
-            raise ValueError(
-                "privacy.unit=user is implemented for the mean-pooled review model only: "
-                "unset task.pretrained_dir, or use privacy.unit=review with the pretrained encoder"
-            )
         if self.max_reviews_per_user < 1:
             raise ValueError(f"task.max_reviews_per_user={self.max_reviews_per_user} must be >= 1")
         self.scheme = cfg.labels
         self.num_classes = 2 if self.scheme == "polarity" else 3
         review_labels(np.zeros(0, dtype=np.int64), self.scheme)  # validates the scheme
+        self.label_names = LABEL_NAMES[self.scheme]
         self.class_weights = self._class_weights(cfg.class_weights)
         self.test_fraction = cfg.test_fraction
         self.seed = int(seed)
         self.batch_eval = 128
-        self.pretrained_dir = cfg.pretrained_dir
-        if self.pretrained_dir:
-            from transformers import AutoTokenizer
-
-            self.hf_tokenizer = AutoTokenizer.from_pretrained(self.pretrained_dir, local_files_only=True)
-            self.max_length = cfg.max_length
-        else:
-            self.tokenizer = HashingTokenizer(cfg.vocab_size, cfg.max_length)
 
     def _class_weights(self, weights) -> torch.Tensor | None:
         """Fixed, public loss weights per class (e.g. [10, 1] for rare negatives); None = unweighted."""
@@ -156,6 +147,67 @@ class ReviewTask:
                 f"of task.labels={self.scheme} (negative first)"
             )
         return torch.tensor(values, dtype=torch.float32)
+
+    def _split(self, data: MerchantData, part: str) -> tuple[list[str], np.ndarray]:
+        idx = self._split_indices(data, part)
+        labels = review_labels(data.reviews.rating, self.scheme)
+        return [data.reviews.text[i] for i in idx], labels[idx]
+
+    def _split_indices(self, data: MerchantData, part: str) -> np.ndarray:
+        labels = review_labels(data.reviews.rating, self.scheme)
+        train_idx, test_idx = split_reviews(len(labels), self.test_fraction, self.seed)
+        if self.cfg.holdout == "validation":  # tuning: the test reviews are not touched at all
+            fit, held = split_reviews(len(train_idx), self.cfg.validation_fraction, self.seed + 1)
+            train_idx, test_idx = train_idx[fit], train_idx[held]
+        idx = train_idx if part == "train" else test_idx
+        return idx[labels[idx] >= 0]
+
+    def _reviewer_groups(self, data: MerchantData) -> list[np.ndarray]:
+        """Per reviewer: indices of their ``max_reviews_per_user`` most recent training reviews."""
+        idx = self._split_indices(data, "train")
+        users = data.reviews.user[idx]
+        groups = []
+        for user in np.unique(users):
+            mine = idx[users == user]
+            groups.append(mine[np.argsort(-data.reviews.timestamp[mine], kind="stable")][: self.max_reviews_per_user])
+        return groups
+
+    def _scored(self, pred: np.ndarray, data: MerchantData, gold: np.ndarray) -> dict[str, float]:
+        """Metrics of ``pred`` on ``gold``, plus the merchant's own majority-class baseline."""
+        _, train_labels = self._split(data, "train")
+        metrics = classification_metrics(pred, gold, self.num_classes)
+        majority = int(np.bincount(train_labels, minlength=self.num_classes).argmax()) if len(train_labels) else 0
+        baseline = classification_metrics(np.full(len(gold), majority), gold, self.num_classes)
+        metrics.update({f"local_majority_{k}": v for k, v in baseline.items()})
+        metrics["num-examples"] = len(gold)
+        return metrics
+
+
+class ReviewTask(ReviewTaskBase):
+    """Token-level review models: ``task.encoder=scratch`` (a small BERT on a hashing tokenizer that
+    learns nothing from merchant data, all federated) or ``lora`` (a local checkpoint, frozen, with
+    LoRA adapters; only adapters and head are federated)."""
+
+    def __init__(self, cfg: ReviewConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> None:
+        super().__init__(cfg, catalog, seed, privacy_unit)
+        if cfg.encoder not in ("lora", "scratch"):
+            raise ValueError(f"task.encoder={cfg.encoder!r} is not a token-level model: choose lora or scratch")
+        self.pretrained_dir = None
+        if cfg.encoder == "lora":
+            if self.per_reviewer:
+                raise ValueError(
+                    "privacy.unit=user is implemented for task.encoder=frozen and scratch, not lora: "
+                    "use task.encoder=frozen, or privacy.unit=review"
+                )
+            from transformers import AutoTokenizer
+
+            from storefed.models.text_encoder import resolve_encoder_dir
+
+            self.pretrained_dir = str(resolve_encoder_dir(cfg.pretrained_dir))
+            self.hf_tokenizer = AutoTokenizer.from_pretrained(self.pretrained_dir, local_files_only=True)
+            self.max_length = cfg.max_length
+        else:
+            self.tokenizer = HashingTokenizer(cfg.vocab_size, cfg.max_length)
 
     # -- model ---------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
@@ -230,17 +282,6 @@ class ReviewTask:
             enc = self.tokenizer(texts)
         return enc["input_ids"], enc["attention_mask"]
 
-    def _split(self, data: MerchantData, part: str) -> tuple[list[str], np.ndarray]:
-        idx = self._split_indices(data, part)
-        labels = review_labels(data.reviews.rating, self.scheme)
-        return [data.reviews.text[i] for i in idx], labels[idx]
-
-    def _split_indices(self, data: MerchantData, part: str) -> np.ndarray:
-        labels = review_labels(data.reviews.rating, self.scheme)
-        train_idx, test_idx = split_reviews(len(labels), self.test_fraction, self.seed)
-        idx = train_idx if part == "train" else test_idx
-        return idx[labels[idx] >= 0]
-
     def train_dataset(self, data: MerchantData) -> Dataset:
         if self.per_reviewer:
             return self._reviewer_dataset(data)
@@ -250,13 +291,8 @@ class ReviewTask:
 
     def _reviewer_dataset(self, data: MerchantData) -> Dataset:
         """One item per reviewer: ids/mask ``(k, L)`` and labels ``(k,)``, padded with label -100."""
-        idx = self._split_indices(data, "train")
         labels = review_labels(data.reviews.rating, self.scheme)
-        users = data.reviews.user[idx]
-        groups = []
-        for user in np.unique(users):
-            mine = idx[users == user]
-            groups.append(mine[np.argsort(-data.reviews.timestamp[mine], kind="stable")][: self.max_reviews_per_user])
+        groups = self._reviewer_groups(data)
         k, length = self.max_reviews_per_user, self._encode([""])[0].shape[1]
         ids = torch.zeros(len(groups), k, length, dtype=torch.long)
         mask = torch.zeros(len(groups), k, length, dtype=torch.long)
@@ -279,7 +315,6 @@ class ReviewTask:
         return getattr(out, "logits", out), labels
 
     def evaluate(self, model: nn.Module, data: MerchantData, device: torch.device) -> dict[str, float]:
-        train_texts, train_labels = self._split(data, "train")
         texts, gold = self._split(data, "test")
         model.eval()
         preds = []
@@ -289,9 +324,4 @@ class ReviewTask:
                 logits, _ = self.forward(model, (ids, mask, torch.zeros(len(ids), dtype=torch.long)), device)
                 preds.append(logits.argmax(-1).cpu().numpy())
         pred = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-        metrics = classification_metrics(pred, gold, self.num_classes)
-        majority = int(np.bincount(train_labels, minlength=self.num_classes).argmax()) if len(train_labels) else 0
-        baseline = classification_metrics(np.full(len(gold), majority), gold, self.num_classes)
-        metrics.update({f"local_majority_{k}": v for k, v in baseline.items()})
-        metrics["num-examples"] = len(gold)
-        return metrics
+        return self._scored(pred, data, gold)

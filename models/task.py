@@ -39,12 +39,21 @@ class Task(Protocol):
         """Metrics on the merchant's held-out split; includes ``num-examples``."""
 
 
-def build_task(task_cfg: TaskConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> Task:
-    """The task ``task_cfg`` configures; ``seed`` fixes the model initialisation, ``privacy_unit`` the DP unit."""
+def build_task(
+    task_cfg: TaskConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None, cache_dir: str | None = None
+) -> Task:
+    """The task ``task_cfg`` configures; ``seed`` fixes the model initialisation, ``privacy_unit`` the DP unit.
+
+    ``cache_dir``: where a merchant keeps derived private data (the frozen review encoder's
+    features); None keeps them in memory only."""
     if isinstance(task_cfg, RecommenderConfig):
         from storefed.models.recommender import RecommenderTask
 
         return RecommenderTask(task_cfg, catalog, seed, privacy_unit)
+    if isinstance(task_cfg, ReviewConfig) and task_cfg.encoder == "frozen":
+        from storefed.models.review_head import FrozenReviewTask
+
+        return FrozenReviewTask(task_cfg, catalog, seed, privacy_unit, cache_dir)
     if isinstance(task_cfg, ReviewConfig):
         from storefed.models.review import ReviewTask
 

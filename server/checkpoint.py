@@ -16,17 +16,27 @@ from safetensors.torch import save as save_safetensors
 
 from storefed.atomic_files import atomic_write_bytes, atomic_write_text
 from storefed.config.schema import TaskConfig
+from storefed.models.task import Task
 
 WEIGHTS_FILE = "global_model.safetensors"
 CONFIG_FILE = "model_config.json"
 
 
-def save_global_model(run_dir: Path, state: dict[str, torch.Tensor], task_cfg: TaskConfig, num_items: int) -> Path:
+def save_global_model(
+    run_dir: Path, state: dict[str, torch.Tensor], task_cfg: TaskConfig, num_items: int, task: Task | None = None
+) -> Path:
+    """Weights + config; for a review model with a standard architecture also ``review_model/``, a
+    folder ``transformers.pipeline("text-classification", model=...)`` loads offline."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(run_dir) / WEIGHTS_FILE
     atomic_write_bytes(path, save_safetensors(tensors, metadata={"task": task_cfg.name}))
     config = {"task": dataclasses.asdict(task_cfg), "num_items": num_items}
     atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2))
+    if task is not None and task.name == "review":
+        from storefed.models.review_export import EXPORT_DIR, export_review_model, exportable
+
+        if exportable(task) is None:
+            export_review_model(task, tensors, Path(run_dir) / EXPORT_DIR)
     return path
 
 

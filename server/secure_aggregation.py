@@ -407,7 +407,7 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
         last = max(round_log.halted) if round_log.halted else rounds
         raise RunFailed(f"no round could be securely aggregated; round {last}: {round_log.halted.get(last, 'no replies')}")
     final = global_state(legacy, names, dtypes)
-    save_global_model(run_dir, final, to_clients.task, catalog.num_items)
+    save_global_model(run_dir, final, to_clients.task, catalog.num_items, task)
     summary = {
         "task": task.name,
         "rounds": rounds,

@@ -80,7 +80,7 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
         check_someone_trained(rounds, trained, [str(r) for r in refusals])
     latest = strategy.latest_arrays
     final = latest.to_torch_state_dict() if latest is not None and len(latest) else shared
-    save_global_model(run_dir, final, to_clients.task, catalog.num_items)
+    save_global_model(run_dir, final, to_clients.task, catalog.num_items, task)
     summary = {
         "task": task.name,
         "rounds": rounds,

@@ -26,7 +26,7 @@ def test_auto_picks_what_is_there_and_bad_requests_are_refused():
 
 @needs_cuda
 @pytest.mark.parametrize("task_cfg", [{"name": "recommender", "embedding_dim": 16},
-                                      {"name": "review", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                                      {"name": "review", "encoder": "scratch", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
                                        "intermediate_size": 64, "max_length": 32, "vocab_size": 1024}])
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
 def test_dp_training_runs_on_the_gpu(task_cfg, mode):

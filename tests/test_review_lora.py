@@ -122,6 +122,7 @@ def make_task(checkpoint) -> ReviewTask:
     cfg = {
         "name": "review",
         "labels": "polarity",
+        "encoder": "lora",
         "pretrained_dir": str(checkpoint),
         "pooling": "cls",  # the adapters must route sentiment into the CLS token (see module docstring)
         "max_length": MAX_LENGTH,
@@ -264,7 +265,7 @@ def test_mean_pooling_loads_the_checkpoints_encoder_and_learns_under_dp(checkpoi
 
 def test_fixed_class_weights_shift_predictions_towards_the_weighted_class(store):
     """A public per-class loss weight (``task.class_weights``) changes what the model predicts."""
-    cfg = ReviewConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=16, vocab_size=512)
+    cfg = ReviewConfig(encoder="scratch", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_length=16, vocab_size=512)
     negatives = {}
     for weights in (None, [20.0, 1.0]):
         task = ReviewTask(dataclasses.replace(cfg, class_weights=weights), generate_catalog(WORLD))

@@ -20,7 +20,7 @@ from storefed.client.local_training import DPParams, LocalTrainingConfig, train_
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 
 GEN = StoreGeneratorConfig(num_items=100, mean_customers=40, review_probability=0.6)
-TASK = {"name": "review", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
+TASK = {"name": "review", "encoder": "scratch", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32,
         "max_length": 12, "vocab_size": 256, "max_reviews_per_user": 3, "privacy_unit": "user"}
 
 
@@ -113,8 +113,8 @@ def test_dp_training_at_reviewer_level_takes_its_planned_steps(store, mode):
 
 def test_reviewer_unit_is_refused_where_it_is_not_implemented():
     catalog = generate_catalog(GEN)
-    with pytest.raises(ValueError, match="privacy.unit=user is implemented for the mean-pooled review model only"):
-        task_from_dict(dict(TASK, pretrained_dir="/nonexistent"), catalog)
+    with pytest.raises(ValueError, match="privacy.unit=user is implemented for task.encoder=frozen and scratch, not lora"):
+        task_from_dict(dict(TASK, encoder="lora", pretrained_dir="/nonexistent"), catalog)
     with pytest.raises(ValueError, match="privacy.unit='household' is not available for the review model"):
         task_from_dict(dict(TASK, privacy_unit="household"), catalog)
     with pytest.raises(ValueError, match="privacy.unit='review' is not available for the recommender"):

@@ -41,8 +41,16 @@ class ReviewConfig:
 
     name: str = "review"
     labels: str = "polarity"  # polarity (1-2 neg, 4-5 pos, 3 dropped) | three_class
-    vocab_size: int = 4096  # hashing tokenizer buckets (learns nothing from merchant data)
-    max_length: int = 32  # tokens per review
+    # frozen: pretrained encoder, features cached per merchant, DP-trained linear head (federated: the head);
+    # lora: the same encoder with LoRA adapters; scratch: a small BERT on a hashing tokenizer
+    encoder: str = "frozen"
+    pretrained_dir: Optional[str] = None  # frozen/lora: a local BERT-family checkpoint; null: bundled all-MiniLM-L6-v2
+    max_length: int = 256  # tokens per review (all-MiniLM-L6-v2's own max_seq_length)
+    embed_batch_size: int = 32  # frozen: reviews per encoder forward pass
+    prior_adjustment: bool = True  # frozen: decide by argmax(logits - learned log prior), trained in the same DP step
+    holdout: str = "test"  # test | validation: score on a validation split carved from the training reviews
+    validation_fraction: float = 0.2  # holdout=validation: share of each merchant's training reviews
+    vocab_size: int = 4096  # scratch: hashing tokenizer buckets (learns nothing from merchant data)
     hidden_size: int = 32
     num_layers: int = 1
     num_heads: int = 2
@@ -51,8 +59,7 @@ class ReviewConfig:
     class_weights: Optional[List[float]] = None  # fixed loss weight per class, never from data
     test_fraction: float = 0.2
     max_reviews_per_user: int = 4  # privacy.unit=user: a reviewer's most recent reviews in one unit
-    pooling: str = "mean"  # mean | cls
-    pretrained_dir: Optional[str] = None  # local BERT-family checkpoint -> LoRA adapters + head federated
+    pooling: str = "mean"  # scratch and lora: mean | cls
     lora_r: int = 8
     lora_alpha: int = 16
     lora_targets: List[str] = field(default_factory=lambda: ["query", "value"])

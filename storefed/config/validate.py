@@ -101,8 +101,11 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
                   "integer noise shares and secure sum)")
     else:
         _choice("task.labels", task.labels, ("polarity", "three_class"))
+        _choice("task.encoder", task.encoder, ("frozen", "lora", "scratch"))
+        _choice("task.holdout", task.holdout, ("test", "validation"))
+        _open_unit("task.validation_fraction", task.validation_fraction)
         _choice("task.pooling", task.pooling, ("mean", "cls"))
-        for key in ("vocab_size", "max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+        for key in ("vocab_size", "max_length", "embed_batch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                     "max_reviews_per_user", "lora_r", "lora_alpha"):
             _at_least(f"task.{key}", getattr(task, key), 1)
         if task.hidden_size % task.num_heads:
