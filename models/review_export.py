@@ -58,8 +58,8 @@ def sequence_classifier(task: ReviewTaskBase, state: dict[str, torch.Tensor]) ->
         model = BertForSequenceClassification(config)
         model.bert.load_state_dict(encoder.state_dict())
         head = {k.removeprefix("classifier."): v.clone() for k, v in state.items() if k.startswith("classifier.")}
-        if task.cfg.prior_adjustment:  # the decision rule argmax(W x + b - prior), folded into the bias: exact
-            head["bias"] = head["bias"] - state["prior.weight"][:, 0]
+        # the decision rule argmax(W x + b - tau * prior), folded into the bias: exact
+        head["bias"] = head["bias"] - task.cfg.prior_tau * state["prior.weight"][:, 0]
         model.classifier.load_state_dict(head)
     else:
         peft_model = task.build_model()

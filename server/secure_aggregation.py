@@ -417,6 +417,7 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
         "final_eval": log.rows[-1] if log.rows else {},
         "privacy": log.privacy_summary() | {"secure_aggregation": secure_summary(opts)},
         "model": str(run_dir / "global_model.safetensors"),
+        "review_model": str(run_dir / "review_model") if (run_dir / "review_model").is_dir() else None,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

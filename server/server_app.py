@@ -90,6 +90,7 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
         "final_eval": log.rows[-1] if log.rows else {},
         "privacy": log.privacy_summary(strategy.central.summary() if strategy.central else None),
         "model": str(run_dir / "global_model.safetensors"),
+        "review_model": str(run_dir / "review_model") if (run_dir / "review_model").is_dir() else None,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

@@ -25,7 +25,7 @@ from storefed.models.task import build_task
 
 TASKS: dict[str, TaskConfig] = {
     "recommender": RecommenderConfig(embedding_dim=64, max_history=50),
-    "review": ReviewConfig(vocab_size=4096, max_length=64, hidden_size=128, num_layers=2, num_heads=4,
+    "review": ReviewConfig(encoder="scratch", vocab_size=4096, max_length=64, hidden_size=128, num_layers=2, num_heads=4,
                            intermediate_size=256),
 }
 MODES = {"non-private": None, "dp-ghost": "ghost", "dp-hooks": "hooks"}

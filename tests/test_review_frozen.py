@@ -18,7 +18,7 @@ from storefed.config.schema import ReviewConfig
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 from storefed.models import embedding_cache, text_encoder
 from storefed.models.review_export import export_review_model
-from storefed.models.review_head import FrozenReviewTask, unwrap_head
+from storefed.models.review_head import FrozenReviewTask, ReviewHead, unwrap_head
 from storefed.models.task import build_task
 from storefed.privacy.dp_sgd import unwrap
 
@@ -115,15 +115,20 @@ def test_dp_trained_head_beats_the_majority_class_and_learns_the_prior(catalog, 
     assert abs(learned - (labels == 0).mean()) < 0.1, (learned, (labels == 0).mean())  # the negative share
 
 
+def _with_tau(model, tau: float):
+    model.prior_tau = tau
+    return model
+
+
 def test_prior_adjustment_raises_the_rare_class_recall(catalog, store):
     task = make_task(catalog)
     model = task.build_model()
     train_local(task, model, task.train_dataset(store), LocalTrainingConfig(3, 128, 0.05, "adam"), None, CPU)
     features = torch.from_numpy(task.features(store)[task._split_indices(store, "test")])
     with torch.no_grad():
-        adjusted = (model.decision_logits(features).argmax(-1) == 0).sum()
-        plain = (model.classifier(features).argmax(-1) == 0).sum()
-    assert adjusted > plain  # negatives are the rare class here: the adjusted rule predicts more of them
+        predicted = [int((ReviewHead.decision_logits(_with_tau(model, tau), features).argmax(-1) == 0).sum())
+                     for tau in (0.0, 0.5, 1.0)]
+    assert predicted[0] < predicted[1] < predicted[2], predicted  # negatives are rare: more tau, more of them
 
 
 def test_exported_model_loads_in_a_transformers_pipeline_with_label_names(tmp_path, catalog, store):

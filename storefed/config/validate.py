@@ -103,6 +103,8 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
         _choice("task.labels", task.labels, ("polarity", "three_class"))
         _choice("task.encoder", task.encoder, ("frozen", "lora", "scratch"))
         _choice("task.holdout", task.holdout, ("test", "validation"))
+        if not (isinstance(task.prior_tau, (int, float)) and 0 <= task.prior_tau <= 2):
+            _fail("task.prior_tau", task.prior_tau, "must lie in [0, 2] (0: plain argmax, 1: balanced-error rule)")
         _open_unit("task.validation_fraction", task.validation_fraction)
         _choice("task.pooling", task.pooling, ("mean", "cls"))
         for key in ("vocab_size", "max_length", "embed_batch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
