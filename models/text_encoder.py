@@ -41,7 +41,7 @@ RESIDUAL_SCALE = 1e4  # pooling layer: W_o = scale * I, so LayerNorm(scale * mea
 POOLER_SCALE = 0.1  # pooler: tanh(0.1 x) on LayerNorm'd features is near-linear
 
 
-class EncoderMissing(RuntimeError):
+class EncoderMissing(ValueError):
     """The pretrained encoder is neither installed nor at the configured directory."""
 
 

@@ -59,15 +59,21 @@ def test_federated_dp_recommender_beats_popularity_on_full_ranking(tmp_path):
     assert learned["ndcg@10"] >= 1.25 * popular["ndcg@10"]
 
 
-def test_federated_review_model_beats_majority_class_without_dp(tmp_path):
-    """The review model and its federation learn (privacy off: the DP case is reported, not asserted)."""
+def test_federated_dp_review_model_beats_majority_class_and_exports_a_pipeline_model(tmp_path):
+    """The default review model (frozen encoder, DP head) learns under DP at epsilon 8, and the run
+    leaves a review_model/ folder that transformers' pipeline loads offline with label names."""
+    from transformers import pipeline
+
     _, summary = _run(
         tmp_path,
-        ["task=review", "privacy=none", "federation.num_stores=6", "federation.stores_per_round=6",
-         "federation.eval_stores_per_round=6", "federation.rounds=4", "task.epochs=20"],
+        ["task=review", "privacy.epsilon=8", "federation.num_stores=6", "federation.stores_per_round=6",
+         "federation.eval_stores_per_round=6", "federation.rounds=3"],
     )
     final = summary["final_eval"]
     print({k: v for k, v in final.items() if k.startswith("eval_")})
-    assert summary["privacy"]["unit"] == "none" and summary["privacy"]["epsilon_max"] is None
-    assert final["eval_accuracy"] >= final["eval_local_majority_accuracy"] + 0.08
-    assert final["eval_macro_f1"] >= final["eval_local_majority_macro_f1"] + 0.25
+    assert summary["privacy"]["unit"] == "review" and 0 < summary["privacy"]["epsilon_max"] <= 8.0
+    assert final["eval_macro_f1"] >= final["eval_local_majority_macro_f1"] + 0.15
+    assert summary["review_model"] == str(tmp_path / "run" / "review_model")
+    classify = pipeline("text-classification", model=summary["review_model"], device=-1)
+    labels = [r["label"] for r in classify(["terrible awful broke refund", "great excellent love perfect"])]
+    assert labels == ["negative", "positive"]
