@@ -257,3 +257,25 @@ def test_non_empty_run_dir_is_refused(amazon_file, tmp_path, capsys):
     (tmp_path / "old" / "results.json").write_text("{}")
     code = main(["evaluate", f"data.path={amazon_file}", "evaluate.num_merchants=[3]", f"run_dir={tmp_path / 'old'}"])
     assert code == 2 and "is not empty" in capsys.readouterr().err
+
+
+def test_search_scores_trials_on_validation_reviews_only(amazon_file, tmp_path):
+    """The search forces task.holdout=validation: its held-out reviews are carved from the training
+    reviews, so their count differs from the test split's, and the best trial is named per row."""
+    from storefed.simulations.evaluation.search import main as search_main
+
+    base = ["task=review", f"data.path={amazon_file}", "evaluate.num_merchants=[2]", "evaluate.partitions=[iid]",
+            "evaluate.seeds=[0]", "evaluate.methods=[centralized_dp]", "evaluate.epsilons=[8]", *TINY_REVIEW]
+    code = search_main([*base, f"run_dir={tmp_path / 's'}", "--trial", "task.lr=0.01", "--trial", "task.lr=0.1"])
+    assert code == 0
+    result = json.loads((tmp_path / "s" / "search.json").read_text())
+    rows = [r for r in result["rows"] if r["method"] == "centralized_dp" and r["epsilon"] == 8.0]
+    assert [r["overrides"] for r in rows] == ["task.lr=0.01", "task.lr=0.1"]
+    best = result["best"]["centralized_dp K=2 iid eps=8.0"]
+    assert best["score"] == max(r["stats"]["macro_f1"]["mean"] for r in rows)
+    validation = {r["evaluated"][0] for r in result["rows"]}
+    assert main(["evaluate", *base, f"run_dir={tmp_path / 'test'}"]) == 0
+    test_rows = json.loads((tmp_path / "test" / "results.json").read_text())["rows"]
+    assert validation != {test_rows[0]["metrics"]["num-examples"]}  # a different, held-in part of the data
+    assert "test reviews not used" in (tmp_path / "s" / "search.md").read_text()
+    assert search_main([*base, "--trial", "task.lr=0.1"]) == 2  # no run_dir
