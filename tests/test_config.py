@@ -45,7 +45,7 @@ BAD = [
     ("simulate", "++privacy.bogus=1", "privacy.bogus is not a configuration key"),
     ("simulate", "strategy=fedmagic", "Could not find 'strategy/fedmagic'"),
     ("simulate", "task=review task.max_length=0", "task.max_length=0 is not allowed"),
-    ("simulate", "task=review task.encoder=bert", "task.encoder='bert' is not allowed: choose frozen | lora | scratch"),
+    ("simulate", "task=review task.encoder=bert", "task.encoder='bert' is not allowed: choose one of ['frozen', 'lora', 'scratch']"),
     ("simulate", "task=review task.prior_tau=3", "task.prior_tau=3"),
     ("simulate", "task=review task.holdout=train", "task.holdout='train' is not allowed"),
     ("simulate", "task=review task.embed_batch_size=0", "task.embed_batch_size=0 is not allowed"),
