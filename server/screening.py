@@ -1,17 +1,23 @@
 """Coordinator-side screening of merchant replies before aggregation.
 
 - A refusal (``refused=1``, no tensors) is a normal non-participation: logged with its reason.
-- An update is accepted only if it carries exactly the expected tensor names and shapes, all
-  values are finite, and it reports a positive number of examples. Anything else is dropped
-  and logged; it never reaches aggregation.
+- An update is accepted only if it carries exactly the expected tensor names and shapes, every
+  tensor is float32 (the global model's dtype) with finite values, and it reports a finite,
+  whole, positive number of examples of at most ``MAX_EXAMPLES``. Anything else is dropped and
+  logged; it never reaches aggregation. (Not yet checked: the update's norm, and a weight that is
+  plausible but inflated: see the reliability issue.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Message
+
+
+MAX_EXAMPLES = 10**8  # DP units one merchant may claim (a weight of 1e12 would make its update the aggregate)
 
 
 @dataclass
@@ -54,9 +60,13 @@ def _update_problem(msg: Message, expected: dict[str, tuple[int, ...]]) -> str |
         values = array.numpy()
         if tuple(values.shape) != expected[name]:
             return f"tensor {name} has shape {tuple(values.shape)}, expected {expected[name]}"
+        if values.dtype != np.float32:
+            return f"tensor {name} has dtype {values.dtype}, expected float32 (the global model's)"
         if not np.all(np.isfinite(values)):
             return f"tensor {name} has non-finite values"
     examples = msg.content.metric_records["metrics"].get("num-examples", 0)
-    if not examples or examples <= 0:
-        return "num-examples must be > 0"
+    if not isinstance(examples, (int, float)) or not math.isfinite(examples) or examples != int(examples):
+        return f"num-examples={examples!r} must be a whole number"
+    if not 0 < examples <= MAX_EXAMPLES:
+        return f"num-examples={examples:g} must lie in 1..{MAX_EXAMPLES:g}"
     return None

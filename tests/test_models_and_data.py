@@ -96,6 +96,13 @@ def test_screening_rejects_wrong_names_shapes_and_non_finite_updates():
         _reply(4, {"w": np.full((2, 3), np.nan, np.float32), "b": np.zeros(3, np.float32)}),
         _reply(5, good, examples=0),
         _reply(6, {}, examples=0, refused=1),
+        _reply(7, good, examples=float("nan")),
+        _reply(8, good, examples=float("inf")),
+        _reply(9, good, examples=1e12),
+        _reply(10, good, examples=12.5),
+        _reply(11, {"w": np.zeros((2, 3), np.int64), "b": np.zeros(3, np.float32)}),
+        _reply(12, {"w": np.zeros((2, 3), np.float64), "b": np.zeros(3, np.float32)}),
+        _reply(13, {"w": np.zeros((2, 3), bool), "b": np.zeros(3, np.float32)}),
     ]
     out = screen_train_replies(replies, expected)
     assert [m.metadata.src_node_id for m in out.accepted] == [1]
@@ -103,6 +110,13 @@ def test_screening_rejects_wrong_names_shapes_and_non_finite_updates():
         2: "tensor w has shape (3, 2), expected (2, 3)",
         3: "tensor names differ from the global model (missing ['b'], unexpected [])",
         4: "tensor w has non-finite values",
-        5: "num-examples must be > 0",
+        5: "num-examples=0 must lie in 1..1e+08",
+        7: "num-examples=nan must be a whole number",
+        8: "num-examples=inf must be a whole number",
+        9: "num-examples=1e+12 must lie in 1..1e+08",
+        10: "num-examples=12.5 must be a whole number",
+        11: "tensor w has dtype int64, expected float32 (the global model's)",
+        12: "tensor w has dtype float64, expected float32 (the global model's)",
+        13: "tensor w has dtype bool, expected float32 (the global model's)",
     }
     assert list(out.refused) == [6]
