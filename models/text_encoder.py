@@ -179,7 +179,7 @@ class TextEncoder:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No weight-loading progress bar or load report (the pooler is rebuilt on purpose)."""
     from transformers.utils import logging as hf_logging
 
@@ -204,7 +204,7 @@ def load_encoder(pretrained_dir: str | None, max_length: int, device: torch.devi
     device = device or torch.device("cpu")
     key = (str(directory), int(max_length), str(device))
     if key not in _LOADED:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
             model = pooled_encoder(directory).to(device)
         _LOADED[key] = TextEncoder(directory, int(max_length), tokenizer, model, device,

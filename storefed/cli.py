@@ -10,6 +10,7 @@
     storefed merchant status ledger_dir=L   rounds, epsilon spent and left, delta, unit, accountant
     storefed evaluate [key=value ...]    privacy-utility evaluation on real data (baselines, local, federated)
     storefed audit [key=value ...]       one-run canary audit: empirical lower bound on epsilon
+    storefed classify RUN_DIR TEXT ...   the run's exported review model on texts (label and score)
 
 Every command composes its configuration (storefed.config) first: a bad key or value exits 2 with
 one line naming it, before anything expensive starts. ``storefed <command> --help`` lists the keys.
@@ -146,6 +147,30 @@ def cmd_audit(overrides: list[str]) -> int:
     return run_audit_command(compose("audit", overrides))
 
 
+def cmd_classify(argv: list[str]) -> int:
+    """``storefed classify RUN_DIR TEXT ...``: the exported review model (``RUN_DIR/review_model``) on each text."""
+    parser = argparse.ArgumentParser(prog="storefed classify", description=cmd_classify.__doc__)
+    parser.add_argument("run_dir", help="a run directory with review_model/, or the review_model folder itself")
+    parser.add_argument("texts", nargs="+", help="review texts to classify")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    model_dir = run_dir / "review_model" if (run_dir / "review_model").is_dir() else run_dir
+    if not (model_dir / "config.json").is_file():
+        print(f"storefed classify: {run_dir} holds no review_model/ folder: it is written at the end of "
+              "`storefed simulate task=review` or `storefed server` runs (task.encoder=frozen, or lora with "
+              "task.pooling=cls)", file=sys.stderr)
+        return 2
+    from transformers import pipeline
+
+    from storefed.models.text_encoder import quiet_transformers
+
+    with quiet_transformers():
+        classify = pipeline("text-classification", model=str(model_dir), device=-1)
+    for text, result in zip(args.texts, classify(args.texts, truncation=True)):
+        print(f"{result['label']:<9} {result['score']:.3f}  {text}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str, str]] = {
     # name: (handler, root config, one-line description)
     "simulate": (cmd_simulate, "simulate", "local simulation of many virtual stores (Flower Simulation Engine)"),
@@ -167,10 +192,14 @@ def _parser() -> argparse.ArgumentParser:
         child.add_argument("-h", "--help", action="store_true", help="list this command's config keys and exit")
         child.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=review privacy.epsilon=3")
         child.set_defaults(root=root)
+    sub.add_parser("classify", help="the run's exported review model on texts: storefed classify RUN_DIR TEXT ...")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["classify"]:  # positional texts, no config keys
+        return cmd_classify(argv[1:])
     args = _parser().parse_args(argv)
     handler, root, text = COMMANDS[args.command]
     if args.help:

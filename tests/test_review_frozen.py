@@ -154,6 +154,21 @@ def test_exported_model_loads_in_a_transformers_pipeline_with_label_names(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["review_model"]
 
 
+def test_storefed_classify_prints_label_and_score_per_text(tmp_path, catalog, store, capsys):
+    from storefed.cli import main
+
+    task = make_task(catalog)
+    model = task.build_model()
+    train_local(task, model, task.train_dataset(store), LocalTrainingConfig(3, 128, 0.05, "adam"), None, CPU)
+    export_review_model(task, model.state_dict(), tmp_path / "run" / "review_model")
+    assert main(["classify", str(tmp_path / "run"), "terrible, it broke, waste of money", "excellent, love it"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["negative", "positive"]
+    assert all(0.5 <= float(line.split()[1]) <= 1.0 for line in lines) and lines[1].endswith("excellent, love it")
+    assert main(["classify", str(tmp_path / "nothing-here"), "text"]) == 2
+    assert "holds no review_model/ folder" in capsys.readouterr().err
+
+
 def test_validation_holdout_never_touches_the_test_reviews(catalog, store):
     test_task = make_task(catalog)
     tuning = make_task(catalog, holdout="validation")
