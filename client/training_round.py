@@ -49,13 +49,11 @@ def load_round(
 ) -> tuple[Task, torch.nn.Module, MerchantData, torch.device]:
     """This node's task, the global model loaded with ``global_state``, its data and device."""
     catalog, data = load_for_node(config.data, config.seed, node_config)
+    device = choose_device(config.device)
     task = build_task(config.task, catalog, seed=config.seed, privacy_unit=config.privacy.unit,
-                      cache_dir=private_cache_dir(config.privacy, node_config))
+                      cache_dir=private_cache_dir(config.privacy, node_config), device=device)
     model = task.build_model()
     model.load_state_dict(global_state, strict=False)
-    device = choose_device(config.device)
-    if hasattr(task, "embedding_device"):  # the frozen review encoder embeds on the merchant's GPU when it has one
-        task.embedding_device = device
     return task, model, data, device
 
 
@@ -64,8 +62,8 @@ def private_cache_dir(proposed: MerchantPrivacy, node_config: dict[str, Any]) ->
     ``cache-dir``, else ``<ledger dir>/embeddings`` (private: same disk and care as the ledger)."""
     if "cache-dir" in node_config:
         return str(node_config["cache-dir"])
-    ledger_dir = node_config.get("ledger-dir", proposed.ledger_dir)
-    return None if ledger_dir is None else str(Path(str(ledger_dir)) / "embeddings")
+    ledger_dir = merchant_privacy(proposed, node_config).ledger_dir
+    return None if ledger_dir is None else str(Path(ledger_dir) / "embeddings")
 
 
 def merchant_privacy(proposed: MerchantPrivacy, node_config: dict[str, Any]) -> MerchantPrivacy:

@@ -31,11 +31,16 @@ def _text_digest(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def texts_key(fingerprint: str, texts: list[str]) -> str:
-    """Key of one merchant's embedding file: the encoder and every text, in order."""
+def clear_memory() -> None:
+    """Forget the per-process cache (the disk cache stays): what a fresh process sees."""
+    _MEMORY.clear()
+
+
+def texts_key(fingerprint: str, digests: list[str]) -> str:
+    """Key of one merchant's embedding file: the encoder and every text's digest, in order."""
     digest = hashlib.sha256(fingerprint.encode())
-    for text in texts:
-        digest.update(_text_digest(text).encode())
+    for text_digest in digests:
+        digest.update(text_digest.encode())
     return digest.hexdigest()[:32]
 
 
@@ -43,7 +48,8 @@ def cached_embeddings(
     encoder: TextEncoder, texts: list[str], merchant_id: str, cache_dir: str | None, batch_size: int = 64
 ) -> np.ndarray:
     """``(len(texts), dim)`` float32 features of ``texts``, from the disk / memory cache when present."""
-    key = texts_key(encoder.fingerprint, texts)
+    digests = [_text_digest(t) for t in texts]
+    key = texts_key(encoder.fingerprint, digests)
     owner = hashlib.sha256(merchant_id.encode("utf-8")).hexdigest()[:16]
     path = Path(cache_dir) / f"{owner}.{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
@@ -54,7 +60,7 @@ def cached_embeddings(
         except (OSError, ValueError):
             pass  # unreadable or foreign file: recompute and overwrite
     start = time.perf_counter()
-    features = _embed_with_memory(encoder, texts, batch_size)
+    features = _embed_with_memory(encoder, texts, digests, batch_size)
     seconds = time.perf_counter() - start
     if path is not None:
         _store(path, features, owner)
@@ -63,8 +69,7 @@ def cached_embeddings(
     return features
 
 
-def _embed_with_memory(encoder: TextEncoder, texts: list[str], batch_size: int) -> np.ndarray:
-    digests = [_text_digest(t) for t in texts]
+def _embed_with_memory(encoder: TextEncoder, texts: list[str], digests: list[str], batch_size: int) -> np.ndarray:
     rows = {d: _MEMORY[(encoder.fingerprint, d)] for d in digests if (encoder.fingerprint, d) in _MEMORY}
     missing = sorted({d: i for i, d in enumerate(digests) if d not in rows}.values())
     if missing:

@@ -61,11 +61,6 @@ class ReviewHead(nn.Module):
         return self.classifier(features) - self.prior_tau * self.prior.weight[:, 0]
 
 
-def unwrap_head(model: nn.Module) -> ReviewHead:
-    """The :class:`ReviewHead` inside an Opacus wrapper (or the head itself)."""
-    return getattr(model, "_module", model)
-
-
 class FrozenReviewTask(ReviewTaskBase):
     """``task.encoder=frozen``: DP unit one review, or one reviewer (``privacy_unit=user``)."""
 
@@ -76,6 +71,7 @@ class FrozenReviewTask(ReviewTaskBase):
         seed: int = 0,
         privacy_unit: str | None = None,
         cache_dir: str | None = None,
+        device: torch.device | None = None,
     ) -> None:
         super().__init__(cfg, catalog, seed, privacy_unit)
         self.encoder_dir = resolve_encoder_dir(cfg.pretrained_dir)  # clear error now if it is missing
@@ -83,7 +79,7 @@ class FrozenReviewTask(ReviewTaskBase):
         self.hidden_size = int(config["hidden_size"])
         self.max_length = cfg.max_length
         self.cache_dir = cache_dir
-        self.embedding_device = torch.device("cpu")  # the merchant's device, set by the round (GPU when it has one)
+        self.embedding_device = device or torch.device("cpu")  # the merchant's device (its GPU when it has one)
         self._encoder: TextEncoder | None = None
 
     @property
@@ -137,6 +133,6 @@ class FrozenReviewTask(ReviewTaskBase):
         if len(idx):
             model.eval()
             with torch.no_grad():
-                logits = unwrap_head(model).decision_logits(torch.from_numpy(self.features(data)[idx]).to(device))
+                logits = model.decision_logits(torch.from_numpy(self.features(data)[idx]).to(device))
             pred = logits.argmax(-1).cpu().numpy()
         return self._scored(pred, data, gold)

@@ -40,12 +40,17 @@ class Task(Protocol):
 
 
 def build_task(
-    task_cfg: TaskConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None, cache_dir: str | None = None
+    task_cfg: TaskConfig,
+    catalog: Catalog,
+    seed: int = 0,
+    privacy_unit: str | None = None,
+    cache_dir: str | None = None,
+    device: torch.device | None = None,
 ) -> Task:
     """The task ``task_cfg`` configures; ``seed`` fixes the model initialisation, ``privacy_unit`` the DP unit.
 
     ``cache_dir``: where a merchant keeps derived private data (the frozen review encoder's
-    features); None keeps them in memory only."""
+    features); None keeps them in memory only. ``device``: where that encoder runs (default CPU)."""
     if isinstance(task_cfg, RecommenderConfig):
         from storefed.models.recommender import RecommenderTask
 
@@ -53,7 +58,7 @@ def build_task(
     if isinstance(task_cfg, ReviewConfig) and task_cfg.encoder == "frozen":
         from storefed.models.review_head import FrozenReviewTask
 
-        return FrozenReviewTask(task_cfg, catalog, seed, privacy_unit, cache_dir)
+        return FrozenReviewTask(task_cfg, catalog, seed, privacy_unit, cache_dir, device)
     if isinstance(task_cfg, ReviewConfig):
         from storefed.models.review import ReviewTask
 

@@ -134,7 +134,7 @@ def pooled_encoder(encoder_dir: Path) -> nn.Module:
     config.num_hidden_layers += 1
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     model = BertModel(config, add_pooling_layer=True)
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    _, unexpected = model.load_state_dict(base.state_dict(), strict=False)
     if unexpected:
         raise RuntimeError(f"unexpected encoder weights: {unexpected[:3]}")
     mean_pooling_layer(model.encoder.layer[-1], config.hidden_size)

@@ -24,20 +24,24 @@ CONFIG_FILE = "model_config.json"
 
 def save_global_model(
     run_dir: Path, state: dict[str, torch.Tensor], task_cfg: TaskConfig, num_items: int, task: Task | None = None
-) -> Path:
+) -> dict[str, str | None]:
     """Weights + config; for a review model with a standard architecture also ``review_model/``, a
-    folder ``transformers.pipeline("text-classification", model=...)`` loads offline."""
+    folder ``transformers.pipeline("text-classification", model=...)`` loads offline.
+
+    Returns what was written, as the run summary lists it: ``model`` and ``review_model`` (None when
+    the task has no such export)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     path = Path(run_dir) / WEIGHTS_FILE
     atomic_write_bytes(path, save_safetensors(tensors, metadata={"task": task_cfg.name}))
     config = {"task": dataclasses.asdict(task_cfg), "num_items": num_items}
     atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2))
+    written: dict[str, str | None] = {"model": str(path), "review_model": None}
     if task is not None and task.name == "review":
         from storefed.models.review_export import EXPORT_DIR, export_review_model, exportable
 
         if exportable(task) is None:
-            export_review_model(task, tensors, Path(run_dir) / EXPORT_DIR)
-    return path
+            written["review_model"] = str(export_review_model(task, tensors, Path(run_dir) / EXPORT_DIR))
+    return written
 
 
 def load_global_model(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:

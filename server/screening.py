@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.app import Message
 
-
 MAX_EXAMPLES = 10**8  # DP units one merchant may claim (a weight of 1e12 would make its update the aggregate)
 
 

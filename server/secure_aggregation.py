@@ -407,7 +407,7 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
         last = max(round_log.halted) if round_log.halted else rounds
         raise RunFailed(f"no round could be securely aggregated; round {last}: {round_log.halted.get(last, 'no replies')}")
     final = global_state(legacy, names, dtypes)
-    save_global_model(run_dir, final, to_clients.task, catalog.num_items, task)
+    saved = save_global_model(run_dir, final, to_clients.task, catalog.num_items, task)
     summary = {
         "task": task.name,
         "rounds": rounds,
@@ -416,8 +416,7 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
         "seconds": round(time.time() - started, 1),
         "final_eval": log.rows[-1] if log.rows else {},
         "privacy": log.privacy_summary() | {"secure_aggregation": secure_summary(opts)},
-        "model": str(run_dir / "global_model.safetensors"),
-        "review_model": str(run_dir / "review_model") if (run_dir / "review_model").is_dir() else None,
+        **saved,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

@@ -80,7 +80,7 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
         check_someone_trained(rounds, trained, [str(r) for r in refusals])
     latest = strategy.latest_arrays
     final = latest.to_torch_state_dict() if latest is not None and len(latest) else shared
-    save_global_model(run_dir, final, to_clients.task, catalog.num_items, task)
+    saved = save_global_model(run_dir, final, to_clients.task, catalog.num_items, task)
     summary = {
         "task": task.name,
         "rounds": rounds,
@@ -89,8 +89,7 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
         "seconds": round(time.time() - started, 1),
         "final_eval": log.rows[-1] if log.rows else {},
         "privacy": log.privacy_summary(strategy.central.summary() if strategy.central else None),
-        "model": str(run_dir / "global_model.safetensors"),
-        "review_model": str(run_dir / "review_model") if (run_dir / "review_model").is_dir() else None,
+        **saved,
     }
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary

@@ -44,7 +44,7 @@ def measure(texts: list[str], device: torch.device, max_length: int, batch_size:
         start = time.perf_counter()
         embedding_cache.cached_embeddings(encoder, texts, "bench-merchant", cache, batch_size)
         cold = time.perf_counter() - start
-        embedding_cache._MEMORY.clear()  # noqa: SLF001 - a later round in a new process: disk cache only
+        embedding_cache.clear_memory()  # a later round in a new process: disk cache only
         start = time.perf_counter()
         embedding_cache.cached_embeddings(encoder, texts, "bench-merchant", cache, batch_size)
         warm = time.perf_counter() - start

@@ -18,7 +18,7 @@ from storefed.config.schema import ReviewConfig
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 from storefed.models import embedding_cache, text_encoder
 from storefed.models.review_export import export_review_model
-from storefed.models.review_head import FrozenReviewTask, ReviewHead, unwrap_head
+from storefed.models.review_head import FrozenReviewTask, ReviewHead
 from storefed.models.task import build_task
 from storefed.privacy.dp_sgd import unwrap
 
@@ -84,7 +84,7 @@ def test_embeddings_are_cached_privately_and_invalidated_by_text_changes(tmp_pat
     def no_encoding(*args, **kwargs):
         raise AssertionError("the encoder ran although the cache holds these texts")
 
-    monkeypatch.setattr(embedding_cache, "_MEMORY", {})  # a new process: only the disk cache is left
+    embedding_cache.clear_memory()  # a new process: only the disk cache is left
     monkeypatch.setattr(text_encoder.TextEncoder, "embed", no_encoding)
     np.testing.assert_array_equal(make_task(catalog, cache).features(store), first)
 
@@ -106,7 +106,7 @@ def test_dp_trained_head_beats_the_majority_class_and_learns_the_prior(catalog, 
     model = task.build_model()
     assert task.shared_keys(model) == ["classifier.weight", "classifier.bias", "prior.weight"]
     result = train_local(task, model, dataset, LocalTrainingConfig(10, 128, 0.05, "adam"), DPParams(1.0, 1.0), CPU)
-    head = unwrap_head(unwrap(model))
+    head = unwrap(model)
     metrics = task.evaluate(head, store, CPU)
     assert result.steps > 0 and len(dataset) == (317 if unit else 626)
     assert metrics["macro_f1"] >= metrics["local_majority_macro_f1"] + 0.3, metrics
