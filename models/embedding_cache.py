@@ -22,7 +22,7 @@ import numpy as np
 from storefed.atomic_files import atomic_write_bytes
 from storefed.models.text_encoder import TextEncoder
 
-log = logging.getLogger("flwr")  # the merchant console (Flower's handlers)
+log = logging.getLogger("flwr")  # the merchant console; debug level: the demo console stays as it was (issue 13)
 _MEMORY: dict[tuple[str, str], np.ndarray] = {}
 MEMORY_LIMIT = 500_000  # texts kept in the per-process cache (about 0.8 GB at 384 float32 dims)
 
@@ -64,7 +64,7 @@ def cached_embeddings(
     seconds = time.perf_counter() - start
     if path is not None:
         _store(path, features, owner)
-    log.info("StoreFed: embedded %d reviews in %.1f s (%.0f reviews/s on %s)%s", len(texts), seconds,
+    log.debug("StoreFed: embedded %d reviews in %.1f s (%.0f reviews/s on %s)%s", len(texts), seconds,
              len(texts) / max(seconds, 1e-9), encoder.device, f"; cached in {path.parent}" if path else "")
     return features
 
