@@ -29,6 +29,7 @@ from storefed.privacy.delta_check import delta_problem
 from storefed.privacy.dp_sgd import clipped_gradient_sum
 from storefed.privacy.ledger import distributed_record, open_ledger
 from storefed.privacy.person_budget import person_refusal
+from storefed.privacy.releases import bounded_sum
 from storefed.privacy.skellam import SkellamPlan, encode
 from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, RoundConfig
 
@@ -88,9 +89,14 @@ def distributed_share(
 
     if k is not None:
         ledger.group_size = max(ledger.group_size or 0, k)
-    sampled = np.flatnonzero(rng.random(len(dataset)) < q)
-    model.to(device).train()
-    signal, loss = clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names)
+    if getattr(task, "released", False):  # the item-item co-occurrence: every unit, bounded by construction
+        if q != 1.0:
+            raise ValueError(f"the item-item release includes every customer (sample rate 1), the round says {q:g}")
+        signal, loss = task.release_vector(dataset.histories, model.state_dict(), privacy.max_grad_norm), 0.0
+    else:
+        sampled = np.flatnonzero(rng.random(len(dataset)) < q)
+        model.to(device).train()
+        signal, loss = clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names)
     record = ledger.record_distributed_round(config.run_id, server_round, plan, q)
     message = encode(signal, plan, rng, signal_bound)
     log.info(
@@ -135,7 +141,7 @@ def prior_share(config: RoundConfig, server_round: int, node_config: dict[str, A
     metrics |= {"steps": 1, "epsilon_round": record.epsilon_round, "epsilon_total": record.epsilon_total}
     guarantee = (f"({record.epsilon_total:.3f}, {privacy.delta:g})-DP per {task.privacy_unit} at the population "
                  "level (distributed popularity release, Skellam RDP accountant), assuming secure aggregation")
-    return DistributedShare(encode(vectors.sum(0), plan, rng), metrics,
+    return DistributedShare(encode(bounded_sum(vectors, 1.0), plan, rng), metrics,
                             {"unit": task.privacy_unit, "accountant": "skellam-rdp", "guarantee": guarantee})
 
 

@@ -66,8 +66,17 @@ def train_local(
     dp: DPParams | None,
     device: torch.device,
 ) -> LocalTrainingResult:
-    """Train ``model`` in place on ``dataset``. With ``dp`` set, every step is DP-SGD."""
+    """Train ``model`` in place on ``dataset``. With ``dp`` set, every step is DP-SGD.
+
+    A released task (``task.released``: the item-item recommender) is fitted exactly instead, and
+    only without DP (its DP path is the distributed release)."""
     plan = plan_sampling(len(dataset), cfg.batch_size, cfg.epochs)
+    if getattr(task, "released", False):
+        if dp is not None:
+            raise ValueError("task.model=item_item is released through secure aggregation, not trained by DP-SGD: "
+                             "use privacy.mode=distributed (or privacy=none)")
+        task.fit_exact(model, dataset)
+        return LocalTrainingResult(0, 0.0, len(dataset), plan)
     model.to(device).train()
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = _optimizer(model, cfg)

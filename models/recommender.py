@@ -8,6 +8,8 @@ the model serves customers it has never seen. Scoring is a full softmax over the
 
 Split (leave-last-out): a customer with >= 3 interactions is a test customer; their last
 interaction is held out. Training uses every other interaction of every customer with >= 2.
+``task.holdout=validation`` first drops every test item, then holds out the last remaining one:
+hyperparameters are chosen on those validation items, never on test items.
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def split_leave_last_out(histories: list[np.ndarray]) -> tuple[list[np.ndarray],
         elif len(h) == 2:
             train.append(h)
     return train, test
+
+
+def holdout_split(
+    histories: list[np.ndarray], holdout: str
+) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]]]:
+    """Leave-last-out on the test items (``holdout=test``) or on validation items carved from the
+    training histories only (``holdout=validation``: the test items are never seen)."""
+    train, test = split_leave_last_out(histories)
+    return split_leave_last_out(train) if holdout == "validation" else (train, test)
+
+
+def popularity_rows(histories: list[np.ndarray], num_items: int, max_history: int) -> np.ndarray:
+    """One row per customer: their distinct capped-history items, scaled to L2 norm 1."""
+    rows = np.zeros((len(histories), num_items))
+    for row, h in zip(rows, histories):
+        items = np.unique(h[-(max_history + 1):])
+        row[items] = 1.0 / np.sqrt(len(items))
+    return rows
 
 
 def pad_history(items: np.ndarray, max_len: int) -> torch.Tensor:
@@ -135,8 +155,9 @@ def popularity_scorer(train_histories: list[np.ndarray], num_items: int):
     return lambda histories: pop.expand(len(histories), -1).clone()
 
 
-class RecommenderTask:
-    """Next-item recommendation; DP unit = customer."""
+class RecommenderTaskBase:
+    """What every recommender shares: the customer unit, the split, the popularity release rows and
+    the evaluation (full ranking over the catalog, history items excluded; local popularity baseline)."""
 
     name = "recommender"
     privacy_unit = "customer"
@@ -149,44 +170,27 @@ class RecommenderTask:
             )
         self.cfg = cfg
         self.num_items = catalog.num_items
-        self.dim = cfg.embedding_dim
         self.max_history = cfg.max_history
         self.k = cfg.top_k
         self.num_sampled = cfg.sampled_candidates
         self.seed = int(seed)
 
-    def build_model(self) -> nn.Module:
-        torch.manual_seed(self.seed)
-        return HistoryRecommender(self.num_items, self.dim)
+    def split(self, data: MerchantData) -> tuple[list[np.ndarray], list[tuple[np.ndarray, int]]]:
+        """(training histories, held-out cases) under ``task.holdout``."""
+        return holdout_split(customer_histories(data), self.cfg.holdout)
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         return list(model.state_dict().keys())
 
     def train_dataset(self, data: MerchantData) -> Dataset:
-        train, _ = split_leave_last_out(customer_histories(data))
-        return CustomerDataset(train, self.max_history)
+        return CustomerDataset(self.split(data)[0], self.max_history)
 
-    # -- one-shot statistic (distributed mode): the DP popularity prior ---------------------------
     def prior_vectors(self, data: MerchantData) -> np.ndarray:
         """One row per DP unit (the training customers): their distinct items, scaled to L2 norm 1."""
-        histories = self.train_dataset(data).histories
-        rows = np.zeros((len(histories), self.num_items))
-        for row, h in zip(rows, histories):
-            items = np.unique(h[-(self.max_history + 1):])
-            row[items] = 1.0 / np.sqrt(len(items))
-        return rows
-
-    def apply_prior(self, state: dict[str, torch.Tensor], noisy_sum: np.ndarray) -> dict[str, torch.Tensor]:
-        """The output bias set to log(1 + released popularity) (negative noisy counts read as 0)."""
-        bias = torch.from_numpy(np.log1p(np.clip(noisy_sum, 0.0, None))).to(state["output.bias"].dtype)
-        return dict(state) | {"output.bias": bias}
-
-    def forward(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        history, target = batch
-        return model(history.to(device)), target.to(device)
+        return popularity_rows(self.train_dataset(data).histories, self.num_items, self.max_history)
 
     def evaluate(self, model: nn.Module, data: MerchantData, device: torch.device) -> dict[str, float]:
-        train, test = split_leave_last_out(customer_histories(data))
+        train, test = self.split(data)
         model.eval()
 
         @torch.no_grad()
@@ -201,3 +205,24 @@ class RecommenderTask:
         metrics.update({f"local_pop_{key}": value for key, value in baseline.items()})
         metrics["num-examples"] = len(test)
         return metrics
+
+
+class RecommenderTask(RecommenderTaskBase):
+    """Next-item recommendation trained by DP-SGD; DP unit = customer."""
+
+    def __init__(self, cfg: RecommenderConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> None:
+        super().__init__(cfg, catalog, seed, privacy_unit)
+        self.dim = cfg.embedding_dim
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        return HistoryRecommender(self.num_items, self.dim)
+
+    def apply_prior(self, state: dict[str, torch.Tensor], noisy_sum: np.ndarray) -> dict[str, torch.Tensor]:
+        """The output bias set to log(1 + released popularity) (negative noisy counts read as 0)."""
+        bias = torch.from_numpy(np.log1p(np.clip(noisy_sum, 0.0, None))).to(state["output.bias"].dtype)
+        return dict(state) | {"output.bias": bias}
+
+    def forward(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        history, target = batch
+        return model(history.to(device)), target.to(device)

@@ -51,6 +51,10 @@ def build_task(
 
     ``cache_dir``: where a merchant keeps derived private data (the frozen review encoder's
     features); None keeps them in memory only. ``device``: where that encoder runs (default CPU)."""
+    if isinstance(task_cfg, RecommenderConfig) and task_cfg.model == "item_item":
+        from storefed.models.item_item import ItemItemTask
+
+        return ItemItemTask(task_cfg, catalog, seed, privacy_unit)
     if isinstance(task_cfg, RecommenderConfig):
         from storefed.models.recommender import RecommenderTask
 

@@ -22,8 +22,14 @@ from storefed.privacy.skellam import SkellamPlan, choose_gamma, decode, plan_noi
 DEFAULT_SAMPLE_RATE = 0.05
 
 
+def released_model(settings: RunConfig) -> bool:
+    """The item-item recommender: two one-shot releases (popularity, co-occurrence), no DP-SGD."""
+    return getattr(settings.task, "model", None) == "item_item"
+
+
 def sample_rate(settings: RunConfig) -> float:
-    return float(settings.privacy.sample_rate or DEFAULT_SAMPLE_RATE)
+    """The public per-unit Poisson rate q (1 for the item-item releases: every customer)."""
+    return 1.0 if released_model(settings) else float(settings.privacy.sample_rate or DEFAULT_SAMPLE_RATE)
 
 
 def noise_shares(settings: RunConfig) -> int:
@@ -33,15 +39,17 @@ def noise_shares(settings: RunConfig) -> int:
 
 
 def prior_plan(settings: RunConfig, dim: int) -> SkellamPlan | None:
-    """The one-shot popularity release (every unit, norm 1, q = 1), when ``task.popularity_prior`` asks for it."""
+    """The one-shot popularity release (every unit, norm 1, q = 1), when ``task.popularity_prior`` asks for
+    it or the model is the item-item recommender (its first release)."""
     task = settings.task
-    if not getattr(task, "popularity_prior", False):
+    if not (getattr(task, "popularity_prior", False) or released_model(settings)):
         return None
     gamma = choose_gamma(dim, 1.0, settings.privacy.rounding_overhead)
     if task.prior_noise_multiplier is not None:
         return SkellamPlan(dim, 1.0, task.prior_noise_multiplier, gamma, noise_shares(settings))
     privacy = settings.privacy
-    return plan_noise(task.prior_budget_fraction * privacy.epsilon, privacy.delta, 1.0, 1, dim, 1.0,
+    fraction = task.resolved(private=True).prior_budget_fraction
+    return plan_noise(fraction * privacy.epsilon, privacy.delta, 1.0, 1, dim, 1.0,
                       noise_shares(settings), privacy.rounding_overhead)
 
 
@@ -53,7 +61,7 @@ def distributed_plan(settings: RunConfig, dim: int, prior: SkellamPlan | None = 
     if noise is not None:
         gamma = choose_gamma(dim, privacy.max_grad_norm, privacy.rounding_overhead)
         return SkellamPlan(dim, privacy.max_grad_norm, noise, gamma, noise_shares(settings))
-    rounds = privacy.planned_rounds or settings.federation.rounds
+    rounds = 1 if released_model(settings) else privacy.planned_rounds or settings.federation.rounds
     spent = [(prior, 1.0, 1)] if prior is not None else []
     return plan_noise(privacy.epsilon, privacy.delta, sample_rate(settings), rounds, dim, privacy.max_grad_norm,
                       noise_shares(settings), privacy.rounding_overhead, spent)

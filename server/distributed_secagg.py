@@ -59,6 +59,8 @@ def build_distributed_strategy(
             integer_sum = np.rint(np.concatenate([a.ravel() for a in mean]) * len(results)).astype(np.int64)
             if prior is not None and server_round == 1:
                 state = update.reset(task.apply_prior(update.state(), decode(integer_sum, prior)))
+            elif getattr(task, "released", False):  # the item-item co-occurrence release
+                state = update.reset(task.apply_release(update.state(), decode(integer_sum, plan)))
             else:
                 population = sum(int(res.metrics.get("num-examples", 0)) for _, res in results)
                 state = update.step(integer_sum, population)

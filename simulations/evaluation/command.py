@@ -25,7 +25,7 @@ import yaml
 from storefed.atomic_files import atomic_write_text
 from storefed.client.device import choose_device
 from storefed.client.local_training import local_training_config
-from storefed.config.schema import EvaluateConfig
+from storefed.config.schema import EvaluateConfig, resolved_task
 from storefed.config.serialize import to_dict
 from storefed.data.sources import load_simulated
 from storefed.models.task import build_task
@@ -144,7 +144,9 @@ def _evaluate(settings: EvaluateConfig, spec: EvalSpec, run_dir: Path, command: 
 def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir: Path) -> list[dict]:
     """Every method of one cell, on one partition and one held-out split."""
     base = cell_settings(settings, cell, spec)
-    base = dataclasses.replace(base, privacy=dataclasses.replace(base.privacy, ledger_dir=None))
+    dp_task = resolved_task(base.task, private=True)  # the task config of the DP methods
+    base = dataclasses.replace(base, privacy=dataclasses.replace(base.privacy, ledger_dir=None),
+                               task=resolved_task(base.task, private=False))
     catalog, first = load_simulated(base.data, base.seed, 0)
     merchants = [first] + [load_simulated(base.data, base.seed, k)[1] for k in range(1, cell.num_merchants)]
     task = build_task(base.task, catalog, seed=base.seed, privacy_unit=base.privacy.unit)
@@ -195,7 +197,8 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
             elif method == "local":
                 add(method, model_metrics(methods.local_only(task, merchants, local_cfg, spec.rounds, device)), time.time() - t0)
             elif method in ("federated_dp_distributed", "federated_dp_distributed_prior"):
-                dist = distributed_settings(base, merchants, task, local_cfg, spec, epsilon, method.endswith("prior"))
+                dist = distributed_settings(dataclasses.replace(base, task=dp_task), merchants, task, local_cfg,
+                                            spec, epsilon, method.endswith("prior"))
                 name = f"{method}-eps{epsilon:g}"
                 result = run_distributed(dist, cell_dir / name)
                 fed_task, model = global_model(dist, cell_dir / name, result.state)
@@ -244,7 +247,11 @@ def distributed_settings(base, merchants, task, local_cfg, spec: EvalSpec, epsil
     )
     federation = dataclasses.replace(base.federation, stores_per_round=k, eval_stores_per_round=k, rounds=plan.steps)
     task_cfg = dataclasses.replace(base.task, popularity_prior=True) if prior else base.task
+    if task_cfg.model == "item_item":  # two one-shot releases, every customer (q = 1), no DP-SGD steps
+        privacy = dataclasses.replace(privacy, sample_rate=None, planned_rounds=None)
+        federation = dataclasses.replace(federation, rounds=2)
     return dataclasses.replace(base, privacy=privacy, federation=federation, task=task_cfg)
+
 
 
 def machine_description(threads: int) -> str:

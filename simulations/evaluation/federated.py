@@ -132,12 +132,16 @@ def run_distributed(settings: RunConfig, run_dir: Path) -> FederatedResult:
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        for server_round in range(1, federation.rounds + 1):
+        released = getattr(setup.task, "released", False)  # item-item: one co-occurrence release after the prior
+        for server_round in range(1, 2 if released else federation.rounds + 1):
             sampled = np.arange(federation.num_stores) if federation.stores_per_round >= federation.num_stores else \
                 np.sort(rng.choice(federation.num_stores, federation.stores_per_round, replace=False))
             shares = [distributed_share(to_clients, state, server_round, {"partition-id": int(p)}) for p in sampled]
             total = np.sum([s.message for s in shares], axis=0)
-            state = update.step(total, int(sum(s.metrics["num-examples"] for s in shares)))
+            if released:
+                state = update.reset(setup.task.apply_release(state, decode(total, plan)))
+            else:
+                state = update.step(total, int(sum(s.metrics["num-examples"] for s in shares)))
             for p, share in zip(sampled, shares):
                 if share.metrics["refused"]:
                     result.refused += 1

@@ -25,7 +25,10 @@ REVIEW_METHODS = (
     "majority", "tfidf_logreg", "centralized", "centralized_dp", "local", "federated", "federated_dp",
     "federated_dp_distributed",
 )
-METHODS = {"recommender": RECOMMENDER_METHODS, "review": REVIEW_METHODS}
+# the item-item model is released through secure aggregation: exact (centralized, local, federated) or with
+# distributed DP; it has no DP-SGD, so no centralized_dp / local-mode federated_dp rows
+ITEM_ITEM_METHODS = ("popularity", "centralized", "local", "federated", "federated_dp_distributed")
+METHODS = {"recommender": RECOMMENDER_METHODS, "review": REVIEW_METHODS, "item_item": ITEM_ITEM_METHODS}
 OPTIONAL_METHODS = ("federated_dp_distributed_prior",)  # run only when named in evaluate.methods
 DP_METHODS = ("centralized_dp", "federated_dp", "federated_dp_distributed", "federated_dp_distributed_prior")
 STRATEGIES = ("fedavg", "fedprox")  # strategies whose aggregation needs no server-side state
@@ -106,13 +109,13 @@ def build_spec(settings: EvaluateConfig) -> EvalSpec:
         raise ValueError(f"evaluate.epsilons={raw} must be numbers, e.g. evaluate.epsilons=[1,3,8]") from None
     if any(not (e > 0 and math.isfinite(e)) for e in epsilons):
         raise ValueError(f"evaluate.epsilons={epsilons}: every epsilon must be a finite number > 0")
-    methods = ev.get("methods") or [m for m in METHODS[task] if m not in OPTIONAL_METHODS]
+    family = "item_item" if getattr(settings.task, "model", None) == "item_item" else task
+    methods = ev.get("methods") or [m for m in METHODS[family] if m not in OPTIONAL_METHODS]
     methods = methods if isinstance(methods, list) else [methods]
-    unknown = [m for m in methods if m not in METHODS[task]]
+    unknown = [m for m in methods if m not in METHODS[family]]
     if unknown:
-        raise ValueError(
-            f"evaluate.methods has unknown method(s) {unknown} for task={task}: choose from {list(METHODS[task])}"
-        )
+        which = f"task={task}" + (" task.model=item_item" if family == "item_item" else "")
+        raise ValueError(f"evaluate.methods has unknown method(s) {unknown} for {which}: choose from {list(METHODS[family])}")
     if any(m in DP_METHODS for m in methods):
         if not epsilons:
             raise ValueError("evaluate.epsilons is empty but DP methods were asked for: give e.g. evaluate.epsilons=[1,3,8]")
@@ -138,7 +141,7 @@ def build_spec(settings: EvaluateConfig) -> EvalSpec:
     return EvalSpec(
         task=task,
         cells=cells,
-        methods=tuple(m for m in METHODS[task] if m in methods),
+        methods=tuple(m for m in METHODS[family] if m in methods),
         epsilons=tuple(sorted(set(epsilons))),
         rounds=rounds,
         stores_per_round=None if per_round is None else int(per_round),

@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset
 
 from storefed.client.local_training import DPParams, LocalTrainingConfig, train_local
 from storefed.data.schema import MerchantData
-from storefed.models.recommender import customer_histories, evaluate_scores, popularity_scorer, split_leave_last_out
+from storefed.models.recommender import evaluate_scores, popularity_scorer
 from storefed.models.review import classification_metrics
 from storefed.models.task import Task
 from storefed.privacy.accounting import epsilon_of, plan_noise_multiplier
@@ -75,7 +75,7 @@ def strip_local_baselines(metrics: dict[str, float], prefix: str) -> tuple[dict[
 
 def popularity(task, merchants: list[MerchantData]) -> tuple[dict[str, float], dict[str, float]]:
     """(global popularity, each merchant's local popularity), both on every merchant's test cases."""
-    splits = [split_leave_last_out(customer_histories(m)) for m in merchants]
+    splits = [task.split(m) for m in merchants]
     all_train = [h for train, _ in splits for h in train]
     scorer = popularity_scorer(all_train, task.num_items)
     global_rows, local_rows = [], []

@@ -5,8 +5,8 @@
         --trial "task.lr=0.05" --trial "task.lr=0.2 privacy.max_grad_norm=0.5"
 
 Every trial is the base overrides plus its own, with ``task.holdout=validation`` forced: the
-held-out reviews are carved from each merchant's *training* reviews and the test reviews are
-never read. Trials run one after another in this process, so review embeddings are computed
+held-out reviews (or each customer's last training item, for the recommender) are carved from the
+*training* data and the test split is never read. Trials run one after another in this process, so review embeddings are computed
 once. ``<run_dir>/search.{json,md}`` list each trial's validation score per method and epsilon
 and the best trial per row; the test-set run then uses the chosen values.
 """
@@ -23,7 +23,7 @@ from storefed.atomic_files import atomic_write_text
 from storefed.config.compose import compose
 from storefed.config.validate import ConfigError
 
-SCORE = {"review": "macro_f1"}
+SCORE = {"review": "macro_f1", "recommender": "hr@10"}
 
 
 def run_search(base: list[str], trials: list[list[str]], run_dir: Path) -> dict:
@@ -35,7 +35,7 @@ def run_search(base: list[str], trials: list[list[str]], run_dir: Path) -> dict:
                 for n, trial in enumerate(trials)]
     task = settings[0].task.name
     if task not in SCORE:
-        raise ConfigError(f"task={task}: the validation holdout exists for task=review only")
+        raise ConfigError(f"task={task}: no validation score is defined for it: choose task=review or task=recommender")
     specs = [build_spec(s) for s in settings]  # every trial's config is checked before the first one runs
     rows = []
     for n, (trial, cfg, spec) in enumerate(zip(trials, settings, specs)):
@@ -59,7 +59,7 @@ def run_search(base: list[str], trials: list[list[str]], run_dir: Path) -> dict:
 
 
 def _markdown(result: dict, score: str) -> str:
-    lines = [f"# Hyperparameter search (validation {score}; test reviews not used)", "",
+    lines = [f"# Hyperparameter search (validation {score}; the test split is not used)", "",
              f"Base: `{' '.join(result['base'])}`", "", f"| trial | overrides | method | K | partition | eps | {score} |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in result["rows"]:

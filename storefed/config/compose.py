@@ -42,6 +42,17 @@ def compose(command: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     finally:
         GlobalHydra.instance().clear()
     validate(settings)
+    return resolve_for_privacy(settings)
+
+
+def resolve_for_privacy(settings: Any) -> Any:
+    """A run's task with the defaults for its privacy setting filled in (`storefed evaluate` resolves
+    per method instead: it runs private and non-private methods from one config)."""
+    from storefed.config.schema import EvaluateConfig, resolved_task
+
+    if isinstance(settings, EvaluateConfig) or not hasattr(settings, "task") or not hasattr(settings, "privacy"):
+        return settings
+    settings.task = resolved_task(settings.task, bool(settings.privacy.enabled))
     return settings
 
 

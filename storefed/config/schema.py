@@ -17,9 +17,20 @@ from omegaconf import MISSING
 # --- task (what is learned) -------------------------------------------------------------------
 @dataclass
 class RecommenderConfig:
-    """History-based next-item recommender. DP unit: one customer (their capped history)."""
+    """Next-item recommender. DP unit: one customer (their capped history).
+
+    ``model=history``: a history encoder trained by DP-SGD. ``model=item_item``: an item-item
+    (EASE) model computed from two released statistics: item popularity, then the co-occurrence of
+    the ``candidate_items`` most popular items (each customer's row of norm 1), released through
+    secure aggregation (privacy.mode=distributed, or exact without noise under privacy=none)."""
 
     name: str = "recommender"
+    model: str = "history"  # history | item_item
+    holdout: str = "test"  # test | validation: score on each customer's last training item instead
+    # item_item, chosen on the validation split (docs/results.md): null = the value for the privacy setting
+    candidate_items: Optional[int] = None  # items the co-occurrence covers (0 = all); null: all without DP, 100 DP
+    ease_lambda: Optional[float] = None  # L2 penalty / mean co-occurrence diagonal; null: 10 without DP, 3 under DP
+    popularity_weight: Optional[float] = None  # weight of popularity / max popularity; null: 0 without DP, 0.1 DP
     embedding_dim: int = 32
     max_history: int = 50  # a customer's history is capped to their most recent items
     top_k: int = 10
@@ -32,7 +43,26 @@ class RecommenderConfig:
     # integer path (each customer's distinct items, L2 norm 1) initialises the output bias
     popularity_prior: bool = False
     prior_noise_multiplier: Optional[float] = None  # noise std / per-customer L2 bound; null: planned so the
-    prior_budget_fraction: float = 0.15  #   release costs this fraction of privacy.epsilon (alone)
+    prior_budget_fraction: Optional[float] = None  #   release costs this fraction of privacy.epsilon (alone);
+    #   null: 0.15 (history), 0.7 (item_item: about equal noise on its two releases)
+
+    def resolved(self, private: bool) -> "RecommenderConfig":
+        """This config with every null item_item setting replaced by the validated default for the
+        privacy setting (``private``: DP noise on the releases; otherwise exact sums)."""
+        from dataclasses import replace
+
+        defaults = ITEM_ITEM_DP_DEFAULTS if private else ITEM_ITEM_EXACT_DEFAULTS
+        if self.model != "item_item":
+            defaults = {"prior_budget_fraction": 0.15}
+        return replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
+
+# item_item settings chosen on the validation split of Amazon MI (docs/results.md); the candidate
+# count without DP is the whole catalog (0 = every item)
+ITEM_ITEM_DP_DEFAULTS = {"candidate_items": 100, "ease_lambda": 3.0, "popularity_weight": 0.1,
+                         "prior_budget_fraction": 0.7}
+ITEM_ITEM_EXACT_DEFAULTS = {"candidate_items": 0, "ease_lambda": 10.0, "popularity_weight": 0.0,
+                            "prior_budget_fraction": 0.7}
 
 
 @dataclass
@@ -71,6 +101,11 @@ class ReviewConfig:
 
 
 TaskConfig = RecommenderConfig | ReviewConfig
+
+
+def resolved_task(task: Any, private: bool) -> Any:
+    """``task`` with its privacy-dependent nulls filled (only the recommender has any)."""
+    return task.resolved(private) if isinstance(task, RecommenderConfig) else task
 
 
 # --- privacy --------------------------------------------------------------------------------------

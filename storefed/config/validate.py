@@ -94,11 +94,13 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
             _at_least(f"task.{key}", getattr(task, key), 1)
         if task.prior_noise_multiplier is not None:
             _positive("task.prior_noise_multiplier", task.prior_noise_multiplier)
-        _open_unit("task.prior_budget_fraction", task.prior_budget_fraction)
+        if task.prior_budget_fraction is not None:
+            _open_unit("task.prior_budget_fraction", task.prior_budget_fraction)
         privacy = getattr(cfg, "privacy", None)
         if task.popularity_prior and (privacy is None or privacy.mode != "distributed"):
             _fail("task.popularity_prior", True, "needs privacy.mode=distributed (the release goes through its "
                   "integer noise shares and secure sum)")
+        _item_item(task, cfg)
     else:
         _choice("task.labels", task.labels, ("polarity", "three_class"))
         _choice("task.encoder", task.encoder, ("frozen", "lora", "scratch"))
@@ -118,6 +120,33 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
             _fail("task.class_weights", task.class_weights, "null or a list of numbers > 0, one per class")
         if task.pretrained_dir is not None and not Path(task.pretrained_dir).is_dir():
             _fail("task.pretrained_dir", task.pretrained_dir, "must be an existing local checkpoint directory")
+
+
+def _item_item(task: s.RecommenderConfig, cfg: Any) -> None:
+    _choice("task.model", task.model, ("history", "item_item"))
+    _choice("task.holdout", task.holdout, ("test", "validation"))
+    if task.candidate_items is not None:
+        _at_least("task.candidate_items", task.candidate_items, 0)
+    if task.ease_lambda is not None:
+        _positive("task.ease_lambda", task.ease_lambda)
+    if task.popularity_weight is not None and not (task.popularity_weight >= 0 and math.isfinite(task.popularity_weight)):
+        _fail("task.popularity_weight", task.popularity_weight, "must be a finite number >= 0")
+    privacy, federation = getattr(cfg, "privacy", None), getattr(cfg, "federation", None)
+    if task.model != "item_item" or privacy is None or isinstance(cfg, s.EvaluateConfig):
+        return
+    if privacy.enabled and privacy.mode != "distributed":
+        _fail("privacy.mode", privacy.mode, "must be distributed for task.model=item_item under DP: its statistics are "
+              "released once through secure aggregation (local mode would add every merchant's full noise); "
+              "or use privacy=none")
+    if privacy.enabled and privacy.sample_rate not in (None, 1, 1.0):
+        _fail("privacy.sample_rate", privacy.sample_rate, "must be null for task.model=item_item (its releases "
+              "include every customer)")
+    if federation is not None and privacy.enabled and federation.rounds != 2:
+        _fail("federation.rounds", federation.rounds, "must be 2 for task.model=item_item under DP (round 1 "
+              "releases popularity, round 2 the co-occurrence)")
+    if federation is not None and federation.rounds < 2:
+        _fail("federation.rounds", federation.rounds, "must be >= 2 for task.model=item_item (popularity first, "
+              "then the co-occurrence of the most popular items)")
 
 
 def _privacy(privacy: s.PrivacyConfig, cfg: Any) -> None:

@@ -1,0 +1,125 @@
+"""The item-item (EASE) recommender: exact without DP, released through the distributed path under DP."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import base_settings
+from storefed.data.sources import load_simulated
+from storefed.privacy import skellam as sk
+from storefed.privacy.ledger import open_ledger
+from storefed.privacy.releases import bounded_gram_sum, bounded_sum, symmetric_from_upper
+from storefed.server.run_setup import prepare_run
+
+
+def _item_item(tmp_path, *overrides: str, **privacy):
+    return base_settings("recommender", "task.model=item_item", "federation.stores_per_round=4", "federation.rounds=2",
+                         f"run_dir={tmp_path / 'run'}", *overrides, **privacy)
+
+
+def _histories(settings, stores: int = 4) -> list[np.ndarray]:
+    from storefed.models.task import build_task
+
+    catalog = load_simulated(settings.data, settings.seed, 0)[0]
+    task = build_task(settings.task, catalog, seed=settings.seed)
+    return [h for p in range(stores) for h in task.split(load_simulated(settings.data, settings.seed, p)[1])[0]]
+
+
+def test_one_customer_moves_a_release_by_at_most_the_bound():
+    rows = np.array([[3.0, 4.0, 0.0], [0.0, 0.0, 0.5]])
+    assert np.linalg.norm(bounded_sum(rows[:1], 1.0)) == pytest.approx(1.0)
+    assert np.linalg.norm(bounded_sum(rows, 1.0) - bounded_sum(rows[1:], 1.0)) <= 1.0 + 1e-12
+    for bound in (1.0, 0.25):
+        change = bounded_gram_sum(rows, bound) - bounded_gram_sum(rows[1:], bound)
+        assert np.linalg.norm(change) <= bound + 1e-12
+    full = symmetric_from_upper(bounded_gram_sum(rows[:1] / 5.0), 3)
+    assert np.allclose(full, np.outer(rows[0] / 5.0, rows[0] / 5.0))
+
+
+def test_without_dp_the_model_is_ease_on_the_pooled_gram_and_fedavg_reproduces_it(tmp_path):
+    from storefed.simulations.evaluation.federated import global_model, run_federated
+
+    settings = _item_item(tmp_path, enabled=False)
+    assert settings.task.candidate_items == 0 and settings.task.ease_lambda == 10.0, "exact defaults resolved"
+    result = run_federated(settings, tmp_path / "run")
+    task, model = global_model(settings, tmp_path / "run", result.state)
+    histories = _histories(settings)
+    n, items = len(histories), task.num_items
+    x = np.zeros((n, items))
+    for row, h in zip(x, histories):
+        row[np.unique(h[-(task.max_history + 1):])] = 1.0
+    x /= np.sqrt(x.sum(1, keepdims=True))
+    gram = x.T @ x / n
+    assert np.allclose(model.popularity.numpy(), x.sum(0) / n, atol=1e-6), "FedAvg's mean is the platform mean"
+    inverse = np.linalg.inv(gram + 10.0 * np.diag(gram).mean() * np.eye(items))
+    ease = -inverse / np.diag(inverse)
+    np.fill_diagonal(ease, 0.0)
+    order = np.argsort(-model.popularity.numpy(), kind="stable")
+    probe = torch.tensor([[0, 0, 3, 7], [1, 2, 5, 11]])  # item index + 1, 0 = padding
+    scores = model(probe).detach().numpy()
+    for row, hist in zip(scores, probe.numpy()):
+        q = np.zeros(items)
+        q[hist[hist > 0] - 1] = 1.0
+        q /= np.sqrt(q.sum())
+        expected = q[order] @ ease[np.ix_(order, order)]
+        assert np.allclose(row[order], expected, atol=1e-4)
+
+
+def test_distributed_releases_compose_in_the_ledger_within_the_budget(tmp_path):
+    from storefed.simulations.evaluation.federated import global_model, run_distributed
+
+    settings = _item_item(tmp_path, mode="distributed", epsilon=8.0)
+    setup = prepare_run(settings, tmp_path / "run")
+    assert setup.prior is not None and setup.skellam.dim == setup.catalog.num_items + 100 * 101 // 2
+    result = run_distributed(settings, tmp_path / "run")
+    assert result.trained == 4 and result.refused == 0
+    (path, *_) = sorted((tmp_path / "run" / "ledgers").glob("*.ledger.json"))
+    rounds = json.loads(path.read_text())["rounds"]
+    assert [r["sample_rate"] for r in rounds] == [1.0, 1.0] and all(r["mechanism"] == "skellam" for r in rounds)
+    spent = sk.epsilon([(setup.prior, 1.0, 1), (setup.skellam, 1.0, 1)], 1e-5)
+    assert 7.0 < spent <= 8.0
+    ledger = open_ledger(path.parent, path.name.split(".")[0], "recommender", "customer", 1e-5, "rdp", 8.0)
+    assert ledger.epsilon_spent == pytest.approx(spent)
+    task, model = global_model(settings, tmp_path / "run", result.state)
+    histories = _histories(settings)
+    truth = sum(1.0 / np.sqrt(len(np.unique(h[-(task.max_history + 1):]))) * np.bincount(
+        np.unique(h[-(task.max_history + 1):]), minlength=task.num_items) for h in histories)
+    assert np.corrcoef(model.popularity.numpy(), truth)[0, 1] > 0.8, "the noisy release tracks popularity"
+    assert model.cooccurrence.abs().sum() > 0 and torch.isfinite(model(torch.tensor([[0, 1, 2]]))).all()
+
+
+def test_item_item_goes_through_secaggplus_in_two_rounds(tmp_path, flower_identity):
+    from flwr.app import Context, RecordDict
+    from test_secure_aggregation import InProcessGrid
+
+    from storefed.server.checkpoint import load_global_model
+    from storefed.server.secure_aggregation import run_secure_federation
+
+    settings = _item_item(tmp_path, "federation.num_stores=3", "federation.stores_per_round=3",
+                          "federation.eval_stores_per_round=0", mode="distributed")
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    summary = run_secure_federation(InProcessGrid(3), context, settings, tmp_path / "run")
+    assert summary["rounds_completed"] == 2
+    weights, _ = load_global_model(tmp_path / "run")
+    assert float(weights["popularity"].max()) > 1.0 and float(weights["cooccurrence"].abs().sum()) > 0
+    for path in (tmp_path / "run" / "ledgers").glob("*.ledger.json"):
+        assert [r["sample_rate"] for r in json.loads(path.read_text())["rounds"]] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("overrides, privacy, message", [
+    ((), {}, "privacy.mode='local' is not allowed: must be distributed for task.model=item_item under DP"),
+    (("federation.rounds=3",), {"mode": "distributed"}, "federation.rounds=3 is not allowed: must be 2"),
+    ((), {"mode": "distributed", "sample_rate": 0.1}, "privacy.sample_rate=0.1 is not allowed: must be null"),
+    (("task.ease_lambda=0",), {"enabled": False}, "task.ease_lambda=0"),
+    (("task.model=knn",), {"enabled": False}, "task.model='knn' is not allowed"),
+])
+def test_bad_item_item_settings_are_refused_before_anything_runs(tmp_path, overrides, privacy, message):
+    from storefed.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _item_item(tmp_path, *overrides, **privacy)
