@@ -29,7 +29,7 @@ from storefed.privacy.delta_check import delta_problem
 from storefed.privacy.dp_sgd import clipped_gradient_sum
 from storefed.privacy.ledger import distributed_record, open_ledger
 from storefed.privacy.person_budget import person_refusal
-from storefed.privacy.releases import bounded_sum
+from storefed.privacy.releases import bounded_gram_sum, bounded_sum
 from storefed.privacy.skellam import SkellamPlan, encode
 from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, RoundConfig
 
@@ -92,7 +92,8 @@ def distributed_share(
     if getattr(task, "released", False):  # the item-item co-occurrence: every unit, bounded by construction
         if q != 1.0:
             raise ValueError(f"the item-item release includes every customer (sample rate 1), the round says {q:g}")
-        signal, loss = task.release_vector(dataset.histories, model.state_dict(), privacy.max_grad_norm), 0.0
+        rows = task.cooccurrence_rows(dataset.histories, model.state_dict()["popularity"])
+        signal, loss = task.release_message(bounded_gram_sum(rows, privacy.max_grad_norm)), 0.0
     else:
         sampled = np.flatnonzero(rng.random(len(dataset)) < q)
         model.to(device).train()

@@ -106,6 +106,29 @@ class CustomerDataset(Dataset):
         return pad_history(h[:cut], self.max_history), torch.tensor(int(h[cut]))
 
 
+class WholeHistoryDataset(Dataset):
+    """One item per customer (the DP unit): their whole capped history as one multinomial sample
+    (Mult-DAE, Liang et al. 2018). Input: the distinct items, each kept with probability
+    ``1 - input_dropout`` (at least one); target: equal probability on every distinct item. The
+    customer's whole contribution is one example, clipped once."""
+
+    def __init__(self, histories: list[np.ndarray], max_history: int, num_items: int, input_dropout: float) -> None:
+        self.histories = [h for h in histories if len(h) >= 2]
+        self.max_history, self.num_items, self.input_dropout = max_history, num_items, input_dropout
+
+    def __len__(self) -> int:
+        return len(self.histories)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        items = np.unique(self.histories[index][-self.max_history:])
+        keep = torch.rand(len(items)) >= self.input_dropout
+        if not bool(keep.any()):
+            keep[int(torch.randint(len(items), ()).item())] = True
+        target = torch.zeros(self.num_items)
+        target[torch.as_tensor(items, dtype=torch.long)] = 1.0 / len(items)
+        return pad_history(items[keep.numpy()], self.max_history), target
+
+
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target among its row's scores (ties counted against the target)."""
     target_scores = scores.gather(1, targets.unsqueeze(1))
@@ -217,6 +240,14 @@ class RecommenderTask(RecommenderTaskBase):
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
         return HistoryRecommender(self.num_items, self.dim)
+
+    def train_dataset(self, data: MerchantData) -> Dataset:
+        """``task.objective=next_item``: one random next-item cut per customer; ``multinomial``: the
+        customer's whole capped history as one sample."""
+        train = self.split(data)[0]
+        if self.cfg.objective == "multinomial":
+            return WholeHistoryDataset(train, self.max_history, self.num_items, self.cfg.input_dropout)
+        return CustomerDataset(train, self.max_history)
 
     def apply_prior(self, state: dict[str, torch.Tensor], noisy_sum: np.ndarray) -> dict[str, torch.Tensor]:
         """The output bias set to log(1 + released popularity) (negative noisy counts read as 0)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from storefed.models.matrix_layout import upper_triangle
+
 
 def clip_rows(rows: np.ndarray, bound: float) -> np.ndarray:
     """Each row scaled down (never up) to L2 norm at most ``bound``."""
@@ -21,11 +23,6 @@ def bounded_sum(rows: np.ndarray, bound: float = 1.0) -> np.ndarray:
     return clip_rows(np.asarray(rows, dtype=np.float64), bound).sum(0)
 
 
-def upper_triangle(matrix: np.ndarray) -> np.ndarray:
-    """The upper triangle (diagonal included) of a square matrix, row-major (``np.triu_indices`` order)."""
-    return matrix[np.triu_indices(matrix.shape[0])]
-
-
 def bounded_gram_sum(rows: np.ndarray, bound: float = 1.0) -> np.ndarray:
     """Upper triangle of ``sum_u x_u x_u^T`` with each ``x_u`` clipped to norm ``sqrt(bound)``.
 
@@ -33,10 +30,3 @@ def bounded_gram_sum(rows: np.ndarray, bound: float = 1.0) -> np.ndarray:
     so adding or removing one unit moves the released vector by at most ``bound`` in L2."""
     x = clip_rows(np.asarray(rows, dtype=np.float64), float(np.sqrt(bound)))
     return upper_triangle(x.T @ x)
-
-
-def symmetric_from_upper(values: np.ndarray, size: int) -> np.ndarray:
-    """The symmetric ``size x size`` matrix whose upper triangle (row-major) is ``values``."""
-    out = np.zeros((size, size))
-    out[np.triu_indices(size)] = values
-    return out + np.triu(out, 1).T

@@ -238,9 +238,9 @@ def test_bad_inputs_are_refused_with_one_clear_line(overrides, message, amazon_f
     assert not (tmp_path / "never").exists()
 
 
-def test_virtual_stores_and_unknown_keys_are_refused(tmp_path, capsys):
-    assert main(["evaluate", "data=virtual", f"run_dir={tmp_path / 'x'}"]) == 2
-    assert "needs real data, choose data=amazon or data=movielens" in capsys.readouterr().err
+def test_deployment_data_and_unknown_keys_are_refused(tmp_path, capsys):
+    assert main(["evaluate", "data=files", f"run_dir={tmp_path / 'x'}"]) == 2
+    assert "needs data=amazon, data=movielens or data=virtual" in capsys.readouterr().err
     assert main(["evaluate", "evaluate.bogus=1", f"run_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("storefed evaluate: ") and "evaluate.bogus" in err and "\n" not in err
@@ -279,3 +279,40 @@ def test_search_scores_trials_on_validation_reviews_only(amazon_file, tmp_path):
     assert validation != {test_rows[0]["metrics"]["num-examples"]}  # a different, held-in part of the data
     assert "test reviews not used" in (tmp_path / "s" / "search.md").read_text()
     assert search_main([*base, "--trial", "task.lr=0.1"]) == 2  # no run_dir
+
+
+def test_item_item_grid_has_its_methods_exact_rows_agree_and_dp_rows_state_the_release(amazon_file, tmp_path):
+    run_dir = tmp_path / "ii"
+    code = main(["evaluate", "task=recommender", "task.model=item_item", "data=amazon", f"data.path={amazon_file}",
+                 "evaluate.num_merchants=[3]", "evaluate.partitions=[iid]", "evaluate.seeds=[0]",
+                 "evaluate.epsilons=[8]", f"run_dir={run_dir}"])
+    assert code == 0
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    by_method = {r["method"]: r for r in rows}
+    assert set(by_method) == {"popularity", "local_popularity", "centralized", "local", "federated",
+                              "federated_dp_distributed"}
+    assert by_method["federated"]["metrics"]["hr@10"] == pytest.approx(by_method["centralized"]["metrics"]["hr@10"])
+    dp = by_method["federated_dp_distributed"]
+    assert dp["epsilon"] == 8 and 0 < dp["epsilon_spent"] <= 8 and dp["details"]["rounds"] == 2
+    header = (run_dir / "results.md").read_text()
+    assert "two one-shot releases" in header and "no sampling, q = 1" in header and "Skellam RDP" in header
+
+
+def test_virtual_platform_grid_reports_customers_and_plots_the_dp_ratio(tmp_path, capsys):
+    from storefed.simulations.evaluation.plot import main as plot_main
+
+    world = ["data.generator.num_items=60", "data.generator.mean_customers=30", "data.generator.max_customers=60"]
+    run_dir = tmp_path / "virtual"
+    code = main(["evaluate", "task=recommender", "task.model=item_item", "data=virtual", *world,
+                 "evaluate.num_merchants=[2,6]", "evaluate.seeds=[0]", "evaluate.epsilons=[8]",
+                 "evaluate.methods=[popularity,federated,federated_dp_distributed]", f"run_dir={run_dir}"])
+    assert code == 0
+    rows = json.loads((run_dir / "results.json").read_text())["rows"]
+    customers = {r["num_merchants"]: r["customers"] for r in rows}
+    assert {r["partition"] for r in rows} == {"generated"} and customers[6] > customers[2] > 0
+    assert (run_dir / "dp_ratio_by_customers.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert plot_main([str(tmp_path / "ratio.png"), str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{customers[2]:,} customers: hr@10 ratio" in printed and (tmp_path / "ratio.png").is_file()
+    assert plot_main([str(tmp_path / "r.png"), str(tmp_path / "missing")]) == 2

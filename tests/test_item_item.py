@@ -11,9 +11,10 @@ import torch
 
 from conftest import base_settings
 from storefed.data.sources import load_simulated
+from storefed.models.matrix_layout import symmetric_from_upper
 from storefed.privacy import skellam as sk
 from storefed.privacy.ledger import open_ledger
-from storefed.privacy.releases import bounded_gram_sum, bounded_sum, symmetric_from_upper
+from storefed.privacy.releases import bounded_gram_sum, bounded_sum
 from storefed.server.run_setup import prepare_run
 
 
@@ -45,7 +46,7 @@ def test_without_dp_the_model_is_ease_on_the_pooled_gram_and_fedavg_reproduces_i
     from storefed.simulations.evaluation.federated import global_model, run_federated
 
     settings = _item_item(tmp_path, enabled=False)
-    assert settings.task.candidate_items == 0 and settings.task.ease_lambda == 10.0, "exact defaults resolved"
+    assert settings.task.candidate_items == 0 and settings.task.ease_lambda == 100.0, "exact defaults resolved"
     result = run_federated(settings, tmp_path / "run")
     task, model = global_model(settings, tmp_path / "run", result.state)
     histories = _histories(settings)
@@ -56,7 +57,7 @@ def test_without_dp_the_model_is_ease_on_the_pooled_gram_and_fedavg_reproduces_i
     x /= np.sqrt(x.sum(1, keepdims=True))
     gram = x.T @ x / n
     assert np.allclose(model.popularity.numpy(), x.sum(0) / n, atol=1e-6), "FedAvg's mean is the platform mean"
-    inverse = np.linalg.inv(gram + 10.0 * np.diag(gram).mean() * np.eye(items))
+    inverse = np.linalg.inv(gram + 100.0 * np.diag(gram).mean() * np.eye(items))
     ease = -inverse / np.diag(inverse)
     np.fill_diagonal(ease, 0.0)
     order = np.argsort(-model.popularity.numpy(), kind="stable")
@@ -75,7 +76,7 @@ def test_distributed_releases_compose_in_the_ledger_within_the_budget(tmp_path):
 
     settings = _item_item(tmp_path, mode="distributed", epsilon=8.0)
     setup = prepare_run(settings, tmp_path / "run")
-    assert setup.prior is not None and setup.skellam.dim == setup.catalog.num_items + 100 * 101 // 2
+    assert setup.prior is not None and setup.skellam.dim == setup.catalog.num_items + 50 * 51 // 2 + 1
     result = run_distributed(settings, tmp_path / "run")
     assert result.trained == 4 and result.refused == 0
     (path, *_) = sorted((tmp_path / "run" / "ledgers").glob("*.ledger.json"))
@@ -123,3 +124,23 @@ def test_bad_item_item_settings_are_refused_before_anything_runs(tmp_path, overr
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         _item_item(tmp_path, *overrides, **privacy)
+
+
+def test_the_multinomial_objective_uses_each_customers_whole_history_as_one_unit():
+    from storefed.models.recommender import PAD, WholeHistoryDataset
+
+    torch.manual_seed(0)
+    history = np.array([4, 2, 9, 2, 7, 1])
+    dataset = WholeHistoryDataset([history, np.array([5])], max_history=4, num_items=12, input_dropout=0.5)
+    assert len(dataset) == 1, "a customer with one item has nothing to predict"
+    kept_counts = []
+    for _ in range(200):
+        inputs, target = dataset[0]
+        kept = set((inputs[inputs != PAD] - 1).tolist())
+        assert kept and kept <= {2, 9, 7, 1}, "the input is a non-empty subset of the capped history"
+        kept_counts.append(len(kept))
+        assert torch.allclose(target, torch.tensor([0, .25, .25, 0, 0, 0, 0, .25, 0, .25, 0, 0]))
+    assert 1.5 < np.mean(kept_counts) < 2.7, "about half of the four items are hidden"
+    logits = torch.zeros(1, 12, requires_grad=True)
+    torch.nn.functional.cross_entropy(logits, target.unsqueeze(0)).backward()
+    assert logits.grad[0, 1] < 0 and logits.grad[0, 0] > 0, "probability targets pull every history item up"

@@ -33,7 +33,7 @@ from storefed.privacy.dp_sgd import plan_sampling
 from storefed.simulations.evaluation import methods
 from storefed.simulations.evaluation.federated import global_model, run_distributed, run_federated
 from storefed.simulations.evaluation.grid import DP_METHODS, Cell, EvalSpec, build_spec, cell_settings
-from storefed.simulations.evaluation.plot import privacy_utility_plot
+from storefed.simulations.evaluation.plot import dp_ratio_by_customers, privacy_utility_plot
 from storefed.simulations.evaluation.report import summarize, write_results
 
 FEDERATED_PATH = (
@@ -64,6 +64,8 @@ def check_data(settings: EvaluateConfig, spec: EvalSpec) -> None:
     from storefed.data.importers import read_amazon_reviews, read_movielens
 
     data = settings.data
+    if data.source == "virtual":
+        return
     reader = read_amazon_reviews if data.source == "amazon" else read_movielens
     _, table = reader(data.path)
     k = max(c.num_merchants for c in spec.cells)
@@ -111,7 +113,8 @@ def _evaluate(settings: EvaluateConfig, spec: EvalSpec, run_dir: Path, command: 
     local = local_training_config(settings.task)
     meta = {
         "task": spec.task,
-        "data": f"{settings.data.source}:{Path(settings.data.path).name}",
+        "data": data_label(settings),
+        "model": getattr(settings.task, "model", None),
         "unit": "customer" if spec.task == "recommender" else "review",
         "delta": float(privacy.delta or 0.0),
         "accountant": privacy.accountant,
@@ -138,6 +141,10 @@ def _evaluate(settings: EvaluateConfig, spec: EvalSpec, run_dir: Path, command: 
     paths["png"] = privacy_utility_plot(
         run_dir / "privacy_utility.png", spec.task, summarize(rows), meta["unit"], meta["delta"]
     )
+    if len({c.num_merchants for c in spec.cells}) > 1:
+        scale = dp_ratio_by_customers(run_dir / "dp_ratio_by_customers.png", spec.task, rows, meta["delta"])
+        if scale is not None:
+            paths["scale_png"] = scale
     return paths
 
 
@@ -153,6 +160,7 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
     local_cfg = local_training_config(base.task)
     device = choose_device(settings.device)  # as merchants choose theirs
     privacy = base.privacy
+    customers = sum(m.num_users for m in merchants)
     rows: list[dict] = []
 
     def add(method: str, metrics: dict, seconds: float, epsilon: float | None = None, info: dict | None = None) -> None:
@@ -162,6 +170,7 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
             "data": settings.data.source,
             "num_merchants": cell.num_merchants,
             "partition": cell.partition,
+            "customers": customers,
             "seed": cell.seed,
             "method": method,
             "epsilon": epsilon,
@@ -252,6 +261,14 @@ def distributed_settings(base, merchants, task, local_cfg, spec: EvalSpec, epsil
         federation = dataclasses.replace(federation, rounds=2)
     return dataclasses.replace(base, privacy=privacy, federation=federation, task=task_cfg)
 
+
+
+def data_label(settings: EvaluateConfig) -> str:
+    """``amazon:FILE`` for a public data set, ``virtual:...`` with the generator's settings otherwise."""
+    data = settings.data
+    if data.source == "virtual":
+        return "virtual:" + ",".join(f"{k}={v}" for k, v in dataclasses.asdict(data.generator).items())
+    return f"{data.source}:{Path(data.path).name}"
 
 
 def machine_description(threads: int) -> str:

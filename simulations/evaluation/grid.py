@@ -31,7 +31,8 @@ ITEM_ITEM_METHODS = ("popularity", "centralized", "local", "federated", "federat
 METHODS = {"recommender": RECOMMENDER_METHODS, "review": REVIEW_METHODS, "item_item": ITEM_ITEM_METHODS}
 OPTIONAL_METHODS = ("federated_dp_distributed_prior",)  # run only when named in evaluate.methods
 DP_METHODS = ("centralized_dp", "federated_dp", "federated_dp_distributed", "federated_dp_distributed_prior")
-STRATEGIES = ("fedavg", "fedprox")  # strategies whose aggregation needs no server-side state
+STRATEGIES = ("fedavg", "fedprox")
+GENERATED = "generated"  # the "partition" of data=virtual cells: K virtual stores, generated on demand  # strategies whose aggregation needs no server-side state
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,14 @@ def build_spec(settings: EvaluateConfig) -> EvalSpec:
         raise ValueError(f"task.name={task!r} is unknown: choose task=recommender or task=review")
     data = settings.data
     source = data.source
-    if source not in ("amazon", "movielens"):
+    if source not in ("amazon", "movielens", "virtual"):
         raise ValueError(
-            f"data.source={source!r}: storefed evaluate needs real data, choose data=amazon or data=movielens"
+            f"data.source={source!r}: storefed evaluate needs data=amazon, data=movielens or data=virtual"
         )
     if task == "review" and source == "movielens":
         raise ValueError("MovieLens u.data has no review text: use task=recommender with data=movielens")
-    path = Path(str(data.path))
-    if not path.is_file():
+    path = Path(str(getattr(data, "path", "")))
+    if source != "virtual" and not path.is_file():
         raise ValueError(
             f"data.path={str(path)!r} does not exist (resolved: {path.resolve()}): "
             f"point data.path at the {source} file"
@@ -98,7 +99,9 @@ def build_spec(settings: EvaluateConfig) -> EvalSpec:
         raise ValueError(f"evaluate.num_merchants={ks}: every K must be >= 1")
     partitions = ev.get("partitions", ["iid"])
     partitions = partitions if isinstance(partitions, list) else [partitions]
-    bad = [p for p in partitions if p not in SCHEMES]
+    if source == "virtual":  # each virtual store generates its own customers: nothing to partition
+        partitions = [GENERATED]
+    bad = [p for p in partitions if p not in (*SCHEMES, GENERATED)]
     if bad or not partitions:
         raise ValueError(f"evaluate.partitions={partitions} is invalid: choose from {list(SCHEMES)}")
     seeds = _int_list(ev.get("seeds", [0]), "evaluate.seeds")
@@ -153,10 +156,12 @@ def build_spec(settings: EvaluateConfig) -> EvalSpec:
 def cell_settings(settings: EvaluateConfig, cell: Cell, spec: EvalSpec) -> EvaluateConfig:
     """The settings a `storefed simulate` run of this cell would use (data, federation, seed)."""
     per_round = spec.stores_per_round or cell.num_merchants
+    data = settings.data if cell.partition == GENERATED else dataclasses.replace(
+        settings.data, num_merchants=cell.num_merchants, partition=cell.partition)
     return dataclasses.replace(
         settings,
         seed=cell.seed,
-        data=dataclasses.replace(settings.data, num_merchants=cell.num_merchants, partition=cell.partition),
+        data=data,
         federation=dataclasses.replace(
             settings.federation, num_stores=cell.num_merchants, stores_per_round=per_round,
             eval_stores_per_round=cell.num_merchants, rounds=spec.rounds,

@@ -70,3 +70,86 @@ def privacy_utility_plot(path: Path, task: str, summary: list[dict], unit: str, 
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def dp_ratio_by_customers(path: Path, task: str, rows: list[dict], delta: float,
+                          private: str = "federated_dp_distributed", reference: str = "federated") -> Path | None:
+    """Private / non-private primary metric (mean over seeds per K) against the platform's customer
+    count, one line per target epsilon; None when the rows lack either method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metric = PRIMARY[task]
+    ratios = dp_ratios(rows, metric, private, reference)
+    if not ratios:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for epsilon in sorted({e for e, _ in ratios}):
+        points = sorted((c, r) for (e, c), r in ratios.items() if e == epsilon)
+        ax.plot([c for c, _ in points], [r for _, r in points], marker="o", label=f"epsilon {epsilon:g}")
+    ax.axhline(0.9, color="tab:gray", linestyle=":", label="90% of non-private")
+    ax.set_xscale("log")
+    ax.set_xlabel("customers on the platform")
+    ax.set_ylabel(f"{metric}: {METHOD_LABELS[private].split(',')[0]} / non-private")
+    ax.set_title(f"{METHOD_LABELS[private]}\nper customer, delta={delta:g}", fontsize=9)
+    ax.set_ylim(0, max(1.05, max(ratios.values()) * 1.05))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def dp_ratios(rows: list[dict], metric: str, private: str, reference: str) -> dict[tuple[float, float], float]:
+    """{(epsilon, mean customers of the K): mean private metric / mean reference metric} per K."""
+    out = {}
+    for k in sorted({r["num_merchants"] for r in rows}):
+        members = [r for r in rows if r["num_merchants"] == k and metric in r["metrics"]]
+        base = [r["metrics"][metric] for r in members if r["method"] == reference]
+        customers = [r["customers"] for r in members if "customers" in r]
+        if not base or not customers or sum(base) == 0:
+            continue
+        for epsilon in sorted({r["epsilon"] for r in members if r["method"] == private}):
+            values = [r["metrics"][metric] for r in members if r["method"] == private and r["epsilon"] == epsilon]
+            out[(float(epsilon), sum(customers) / len(customers))] = (sum(values) / len(values)) / (sum(base) / len(base))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m storefed.simulations.evaluation.plot OUT.png RUN_DIR...``: the DP / non-private ratio
+    plot over several `storefed evaluate` runs (e.g. one per platform size, each with its own
+    validation-chosen settings); prints the ratios it plots."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m storefed.simulations.evaluation.plot OUT.png RUN_DIR...", file=sys.stderr)
+        return 2
+    rows, metas = [], []
+    for run_dir in args[1:]:
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            print(f"plot: {path} does not exist: give run dirs of finished `storefed evaluate` runs", file=sys.stderr)
+            return 2
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        rows += payload["rows"]
+        metas.append(payload["meta"])
+    task = metas[0]["task"]
+    out = dp_ratio_by_customers(Path(args[0]), task, rows, float(metas[0]["delta"]))
+    if out is None:
+        print("plot: the runs lack federated and federated_dp_distributed rows", file=sys.stderr)
+        return 2
+    for (epsilon, customers), ratio in sorted(dp_ratios(rows, PRIMARY[task], "federated_dp_distributed",
+                                                        "federated").items()):
+        print(f"epsilon {epsilon:g}, {customers:,.0f} customers: {PRIMARY[task]} ratio {ratio:.3f}")
+    print(f"plot: wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

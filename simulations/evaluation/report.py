@@ -174,6 +174,7 @@ def write_results(run_dir: Path, task: str, meta: dict, rows: list[dict]) -> dic
     """Write results.json (meta, rows, summary), results.csv and results.md; returns their paths."""
     summary = summarize(rows)
     metrics = metric_keys(task, rows)
+    released = meta.get("model") == "item_item"
     header = (
         f"## storefed evaluate: task={task}, data={meta['data']}\n\n"
         f"Metrics pooled over merchants (weighted by evaluated {meta['unit']}s); mean ± sample std over seeds. "
@@ -181,7 +182,18 @@ def write_results(run_dir: Path, task: str, meta: dict, rows: list[dict]) -> dic
         f"Poisson sampling. Federated: {meta['rounds']} rounds, {meta['participation']}; centralized and local-only: "
         f"{meta['rounds']} x {meta['local_epochs']} epochs. Path: {meta['federated_path']}."
     )
-    if any(r["method"].startswith("federated_dp_distributed") for r in rows):
+    if released:
+        header = (
+            f"## storefed evaluate: task={task} (task.model=item_item), data={meta['data']}\n\n"
+            f"Metrics pooled over merchants (weighted by evaluated {meta['unit']}s); mean ± sample std over seeds. "
+            "Item-item model (EASE on released statistics): centralized, local-only and federated are exact "
+            "(no DP; federated = Flower FedAvg of each merchant's per-customer means over 2 rounds). DP rows: "
+            f"target epsilon per {meta['unit']}, delta={meta['delta']:g}, distributed mode: two one-shot releases "
+            "through integer Skellam shares and a secure sum (popularity, then the co-occurrence of the most popular "
+            "items), every customer included (no sampling, q = 1), each customer's rows of L2 norm 1, Skellam RDP "
+            "accountant (population-level epsilon, assuming secure aggregation)."
+        )
+    elif any(r["method"].startswith("federated_dp_distributed") for r in rows):
         header += (
             " Distributed mode: one DP-SGD step per round over all merchants' units, with centralized DP's sampling "
             "rate and number of steps (so as many rounds as centralized DP takes steps), Skellam RDP accountant "

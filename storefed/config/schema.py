@@ -26,11 +26,15 @@ class RecommenderConfig:
 
     name: str = "recommender"
     model: str = "history"  # history | item_item
+    # history: next_item (one random cut of the history per step) | multinomial (the whole history per step)
+    objective: str = "next_item"
+    input_dropout: float = 0.5  # multinomial: share of a customer's items hidden from the input
     holdout: str = "test"  # test | validation: score on each customer's last training item instead
     # item_item, chosen on the validation split (docs/results.md): null = the value for the privacy setting
-    candidate_items: Optional[int] = None  # items the co-occurrence covers (0 = all); null: all without DP, 100 DP
-    ease_lambda: Optional[float] = None  # L2 penalty / mean co-occurrence diagonal; null: 10 without DP, 3 under DP
+    candidate_items: Optional[int] = None  # items the co-occurrence covers (0 = all); null: all without DP, 50 DP
+    ease_lambda: Optional[float] = None  # L2 penalty / mean co-occurrence diagonal; null: 100 without DP, 3 under DP
     popularity_weight: Optional[float] = None  # weight of popularity / max popularity; null: 0 without DP, 0.1 DP
+    spectral_denoise: bool = False  # DP: drop the released matrix's eigen-components inside its noise's spectral edge
     embedding_dim: int = 32
     max_history: int = 50  # a customer's history is capped to their most recent items
     top_k: int = 10
@@ -59,9 +63,9 @@ class RecommenderConfig:
 
 # item_item settings chosen on the validation split of Amazon MI (docs/results.md); the candidate
 # count without DP is the whole catalog (0 = every item)
-ITEM_ITEM_DP_DEFAULTS = {"candidate_items": 100, "ease_lambda": 3.0, "popularity_weight": 0.1,
+ITEM_ITEM_DP_DEFAULTS = {"candidate_items": 50, "ease_lambda": 3.0, "popularity_weight": 0.1,
                          "prior_budget_fraction": 0.7}
-ITEM_ITEM_EXACT_DEFAULTS = {"candidate_items": 0, "ease_lambda": 10.0, "popularity_weight": 0.0,
+ITEM_ITEM_EXACT_DEFAULTS = {"candidate_items": 0, "ease_lambda": 100.0, "popularity_weight": 0.0,
                             "prior_budget_fraction": 0.7}
 
 

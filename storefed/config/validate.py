@@ -124,6 +124,9 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
 
 def _item_item(task: s.RecommenderConfig, cfg: Any) -> None:
     _choice("task.model", task.model, ("history", "item_item"))
+    _choice("task.objective", task.objective, ("next_item", "multinomial"))
+    if not (isinstance(task.input_dropout, (int, float)) and 0 <= task.input_dropout < 1):
+        _fail("task.input_dropout", task.input_dropout, "must lie in [0, 1)")
     _choice("task.holdout", task.holdout, ("test", "validation"))
     if task.candidate_items is not None:
         _at_least("task.candidate_items", task.candidate_items, 0)
