@@ -17,8 +17,6 @@ releases the exact sums). Everything after the releases is post-processing: EASE
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -42,35 +40,22 @@ def candidate_items(popularity: torch.Tensor, count: int) -> torch.Tensor:
     return torch.argsort(-popularity.double(), stable=True)[:count]
 
 
-def spectral_denoise(gram: torch.Tensor, noise_std: float) -> torch.Tensor:
-    """``gram`` without its eigen-components below the spectral edge of its noise: a symmetric matrix
-    of i.i.d. entries of std ``s`` has its eigenvalues within ``2 s sqrt(M)`` (Wigner), so
-    components beyond that edge carry the signal. Post-processing of the release."""
-    values, vectors = torch.linalg.eigh(gram)
-    keep = values.abs() > 2.0 * noise_std * math.sqrt(gram.shape[0])
-    return (vectors[:, keep] * values[keep]) @ vectors[:, keep].T
-
-
 class ItemItemRecommender(nn.Module):
     """Scores every catalog item for histories ``(B, L)`` of item indices + 1 (0 = padding)."""
 
-    def __init__(self, num_items: int, candidates: int, ease_lambda: float, popularity_weight: float,
-                 denoise: bool = False) -> None:
+    def __init__(self, num_items: int, candidates: int, ease_lambda: float, popularity_weight: float) -> None:
         super().__init__()
-        self.num_items, self.candidates, self.denoise = num_items, candidates, denoise
+        self.num_items, self.candidates = num_items, candidates
         self.ease_lambda, self.popularity_weight = ease_lambda, popularity_weight
         self.register_buffer("popularity", torch.zeros(num_items))
         self.register_buffer("cooccurrence", torch.zeros(candidates * (candidates + 1) // 2))
-        self.register_buffer("noise_std", torch.zeros(1))  # of each released co-occurrence entry; 0 = exact
         self._cache: tuple | None = None
 
     def item_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(candidate item indices, EASE weights ``B`` over them); recomputed when a statistic changes."""
-        key = (self.popularity._version, self.cooccurrence._version, self.noise_std._version, self.popularity.data_ptr())
+        key = (self.popularity._version, self.cooccurrence._version, self.popularity.data_ptr())
         if self._cache is None or self._cache[0] != key:
             gram = torch.from_numpy(symmetric_from_upper(self.cooccurrence.double().cpu().numpy(), self.candidates))
-            if self.denoise and float(self.noise_std) > 0:
-                gram = spectral_denoise(gram, float(self.noise_std))
             lam = self.ease_lambda * max(float(torch.diagonal(gram).mean()), 1e-12)
             inverse = torch.linalg.inv(gram + lam * torch.eye(self.candidates, dtype=gram.dtype))
             weights = -inverse / torch.diagonal(inverse)
@@ -116,8 +101,7 @@ class ItemItemTask(RecommenderTaskBase):
         self.candidates, self.ease_lambda, self.popularity_weight = item_item_settings(cfg, self.num_items)
 
     def build_model(self) -> nn.Module:
-        return ItemItemRecommender(self.num_items, self.candidates, self.ease_lambda, self.popularity_weight,
-                                   self.cfg.spectral_denoise)
+        return ItemItemRecommender(self.num_items, self.candidates, self.ease_lambda, self.popularity_weight)
 
     def train_dataset(self, data) -> Dataset:
         return CustomerHistories(self.split(data)[0])
@@ -136,7 +120,7 @@ class ItemItemTask(RecommenderTaskBase):
         return rows
 
     def _slot(self) -> tuple[int, int]:
-        """Where the co-occurrence sits in the flattened shared tensors (popularity, co-occurrence, noise std)."""
+        """Where the co-occurrence sits in the flattened shared tensors (popularity, then co-occurrence)."""
         start = self.num_items
         return start, start + self.candidates * (self.candidates + 1) // 2
 
@@ -144,7 +128,7 @@ class ItemItemTask(RecommenderTaskBase):
         """The co-occurrence release in shared-tensor order: ``gram_upper`` (the upper triangle of the
         candidates' co-occurrence sum) in its slot, zeros elsewhere."""
         start, end = self._slot()
-        message = np.zeros(end + 1)
+        message = np.zeros(end)
         message[start:end] = gram_upper
         return message
 
@@ -152,13 +136,10 @@ class ItemItemTask(RecommenderTaskBase):
         """The released popularity, kept as released (noise included: post-processing clips it)."""
         return dict(state) | {"popularity": torch.from_numpy(np.asarray(noisy_sum)).float()}
 
-    def apply_release(self, state: dict[str, torch.Tensor], noisy_sum: np.ndarray,
-                      noise_std: float = 0.0) -> dict[str, torch.Tensor]:
-        """The released co-occurrence (the popularity coordinates of the sum are ignored) and the public
-        std of its noise per entry."""
+    def apply_release(self, state: dict[str, torch.Tensor], noisy_sum: np.ndarray) -> dict[str, torch.Tensor]:
+        """The released co-occurrence (the popularity coordinates of the sum are ignored)."""
         start, end = self._slot()
-        return dict(state) | {"cooccurrence": torch.from_numpy(np.asarray(noisy_sum)[start:end]).float(),
-                              "noise_std": torch.tensor([noise_std], dtype=torch.float32)}
+        return dict(state) | {"cooccurrence": torch.from_numpy(np.asarray(noisy_sum)[start:end]).float()}
 
     def fit_exact(self, model: ItemItemRecommender, dataset: CustomerHistories) -> None:
         """Without DP: this party's per-customer means of both statistics, set in place. Candidates come

@@ -106,12 +106,6 @@ def decode(integer_sum: np.ndarray, plan: SkellamPlan) -> np.ndarray:
     return np.asarray(integer_sum, dtype=np.float64) / plan.gamma
 
 
-def decoded_noise_std(plan: SkellamPlan) -> float:
-    """Standard deviation of the aggregate noise per coordinate in model units (at least this much
-    with ``min_survivors`` or more shares): ``sigma * Delta_2 / gamma``."""
-    return plan.noise_multiplier * plan.delta2 / plan.gamma
-
-
 # --- accounting -----------------------------------------------------------------------------------
 def skellam_rdp(order: float, mu: float, delta1: float, delta2: float) -> float:
     """RDP of the Skellam mechanism Sk(mu) (variance 2 mu) at ``order`` (Agarwal et al. 2021, Thm 3.5)."""

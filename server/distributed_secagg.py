@@ -21,7 +21,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
 from storefed.config.schema import RunConfig
-from storefed.privacy.skellam import SkellamPlan, decode, decoded_noise_std
+from storefed.privacy.skellam import SkellamPlan, decode
 from storefed.server.distributed_dp import DistributedUpdate
 from storefed.wire import RELEASE_KEY
 
@@ -60,7 +60,7 @@ def build_distributed_strategy(
             if prior is not None and server_round == 1:
                 state = update.reset(task.apply_prior(update.state(), decode(integer_sum, prior)))
             elif getattr(task, "released", False):  # the item-item co-occurrence release
-                state = update.reset(task.apply_release(update.state(), decode(integer_sum, plan), decoded_noise_std(plan)))
+                state = update.reset(task.apply_release(update.state(), decode(integer_sum, plan)))
             else:
                 population = sum(int(res.metrics.get("num-examples", 0)) for _, res in results)
                 state = update.step(integer_sum, population)

@@ -277,7 +277,7 @@ def test_search_scores_trials_on_validation_reviews_only(amazon_file, tmp_path):
     assert main(["evaluate", *base, f"run_dir={tmp_path / 'test'}"]) == 0
     test_rows = json.loads((tmp_path / "test" / "results.json").read_text())["rows"]
     assert validation != {test_rows[0]["metrics"]["num-examples"]}  # a different, held-in part of the data
-    assert "test reviews not used" in (tmp_path / "s" / "search.md").read_text()
+    assert "the test split is not used" in (tmp_path / "s" / "search.md").read_text()
     assert search_main([*base, "--trial", "task.lr=0.1"]) == 2  # no run_dir
 
 

@@ -76,7 +76,7 @@ def test_distributed_releases_compose_in_the_ledger_within_the_budget(tmp_path):
 
     settings = _item_item(tmp_path, mode="distributed", epsilon=8.0)
     setup = prepare_run(settings, tmp_path / "run")
-    assert setup.prior is not None and setup.skellam.dim == setup.catalog.num_items + 50 * 51 // 2 + 1
+    assert setup.prior is not None and setup.skellam.dim == setup.catalog.num_items + 50 * 51 // 2
     result = run_distributed(settings, tmp_path / "run")
     assert result.trained == 4 and result.refused == 0
     (path, *_) = sorted((tmp_path / "run" / "ledgers").glob("*.ledger.json"))

@@ -28,7 +28,7 @@ from storefed.client.distributed_round import distributed_share, prior_share
 from storefed.config.schema import RunConfig
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import build_task
-from storefed.privacy.skellam import decode, decoded_noise_std
+from storefed.privacy.skellam import decode
 from storefed.server.distributed_dp import DistributedUpdate
 from storefed.server.run_setup import prepare_run
 from storefed.server.strategy import build_strategy
@@ -139,7 +139,7 @@ def run_distributed(settings: RunConfig, run_dir: Path) -> FederatedResult:
             shares = [distributed_share(to_clients, state, server_round, {"partition-id": int(p)}) for p in sampled]
             total = np.sum([s.message for s in shares], axis=0)
             if released:
-                state = update.reset(setup.task.apply_release(state, decode(total, plan), decoded_noise_std(plan)))
+                state = update.reset(setup.task.apply_release(state, decode(total, plan)))
             else:
                 state = update.step(total, int(sum(s.metrics["num-examples"] for s in shares)))
             for p, share in zip(sampled, shares):

@@ -34,7 +34,6 @@ class RecommenderConfig:
     candidate_items: Optional[int] = None  # items the co-occurrence covers (0 = all); null: all without DP, 50 DP
     ease_lambda: Optional[float] = None  # L2 penalty / mean co-occurrence diagonal; null: 100 without DP, 3 under DP
     popularity_weight: Optional[float] = None  # weight of popularity / max popularity; null: 0 without DP, 0.1 DP
-    spectral_denoise: bool = False  # DP: drop the released matrix's eigen-components inside its noise's spectral edge
     embedding_dim: int = 32
     max_history: int = 50  # a customer's history is capped to their most recent items
     top_k: int = 10
