@@ -28,18 +28,44 @@ PAD = 0  # item index 0 is padding; catalog item i is embedded at i + 1
 
 
 class HistoryRecommender(nn.Module):
-    """Scores every catalog item for a batch of histories ``(B, L)`` of item indices + 1."""
+    """Scores every catalog item for a batch of histories ``(B, L)`` of item indices + 1.
 
-    def __init__(self, num_items: int, dim: int) -> None:
+    With ``item_categories`` (the public catalog's category index per item) an item is represented
+    by its own embedding plus its category's, and scored by its own output row plus its category's,
+    so items with few interactions borrow strength from their category."""
+
+    def __init__(self, num_items: int, dim: int, item_categories: torch.Tensor | None = None) -> None:
         super().__init__()
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=PAD)
         self.user_tower = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
         self.output = nn.Linear(dim, num_items)
+        self.category_embedding = self.category_output = None
+        if item_categories is not None:
+            count = int(item_categories.max()) + 1
+            self.register_buffer("item_category", torch.cat([torch.zeros(1, dtype=torch.long), item_categories + 1]),
+                                 persistent=False)  # public catalog data, index 0 = padding
+            self.category_embedding = nn.Embedding(count + 1, dim, padding_idx=PAD)
+            self.category_output = nn.Linear(dim, count, bias=False)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         mask = (history != PAD).unsqueeze(-1).to(self.item_embedding.weight.dtype)
-        pooled = (self.item_embedding(history) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.output(self.user_tower(pooled))
+        items = self.item_embedding(history)
+        if self.category_embedding is not None:
+            items = items + self.category_embedding(self.item_category[history])
+        user = self.user_tower((items * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+        scores = self.output(user)
+        if self.category_output is not None:
+            scores = scores + self.category_output(user)[:, self.item_category[1:] - 1]
+        return scores
+
+
+def category_index(catalog: Catalog) -> torch.Tensor | None:
+    """Each item's category as an index (sorted category names); None when the catalog has one category only."""
+    names = sorted(set(catalog.categories))
+    if len(names) < 2:
+        return None
+    position = {name: n for n, name in enumerate(names)}
+    return torch.tensor([position[c] for c in catalog.categories], dtype=torch.long)
 
 
 def customer_histories(data: MerchantData) -> list[np.ndarray]:
@@ -236,10 +262,11 @@ class RecommenderTask(RecommenderTaskBase):
     def __init__(self, cfg: RecommenderConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> None:
         super().__init__(cfg, catalog, seed, privacy_unit)
         self.dim = cfg.embedding_dim
+        self.item_categories = category_index(catalog) if cfg.catalog_features else None
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
-        return HistoryRecommender(self.num_items, self.dim)
+        return HistoryRecommender(self.num_items, self.dim, self.item_categories)
 
     def train_dataset(self, data: MerchantData) -> Dataset:
         """``task.objective=next_item``: one random next-item cut per customer; ``multinomial``: the

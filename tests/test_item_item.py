@@ -144,3 +144,33 @@ def test_the_multinomial_objective_uses_each_customers_whole_history_as_one_unit
     logits = torch.zeros(1, 12, requires_grad=True)
     torch.nn.functional.cross_entropy(logits, target.unsqueeze(0)).backward()
     assert logits.grad[0, 1] < 0 and logits.grad[0, 0] > 0, "probability targets pull every history item up"
+
+
+@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+def test_catalog_categories_share_strength_and_train_under_dp(tmp_path, mode):
+    from storefed.client.local_training import DPParams, local_training_config, train_local
+    from storefed.models.recommender import HistoryRecommender, category_index
+
+    settings = base_settings("recommender", "task.catalog_features=true", "task.embedding_dim=8", "task.epochs=1",
+                             f"run_dir={tmp_path}")
+    from storefed.models.task import build_task
+
+    catalog, data = load_simulated(settings.data, settings.seed, 0)
+    task = build_task(settings.task, catalog, seed=0)
+    model = task.build_model()
+    categories = category_index(catalog)
+    assert model.category_embedding is not None and model.category_output.out_features == int(categories.max()) + 1
+    same = torch.nonzero(categories == categories[0]).flatten()[:2] + 1
+    with torch.no_grad():
+        model.item_embedding.weight.zero_()
+        model.output.weight.zero_()
+        model.output.bias.zero_()
+    scores = model(torch.tensor([[0, int(same[0])]]))
+    assert float(scores[0, same[0] - 1]) == pytest.approx(float(scores[0, same[1] - 1])), "same category, same score"
+    other = int(torch.nonzero(categories != categories[0]).flatten()[0])
+    assert float(scores[0, other]) != pytest.approx(float(scores[0, same[0] - 1])), "another category scores differently"
+    local = local_training_config(settings.task)
+    before = model.category_embedding.weight.detach().clone()
+    train_local(task, model, task.train_dataset(data), local, DPParams(1.0, 1.0, mode), torch.device("cpu"))
+    assert not torch.equal(before, model.category_embedding.weight.detach()), "the category table is DP-trained"
+    assert HistoryRecommender(10, 4).category_embedding is None
