@@ -20,6 +20,7 @@ from pathlib import Path
 from storefed.data.merchant_files import load_catalog, load_merchant_dir, summarize
 from storefed.flower_env import flower_env
 from storefed.privacy.delta_check import check_merchant_delta
+from storefed.privacy.ledger_integrity import bind_directory
 
 INSECURE_WARNING = (
     "WARNING: insecure=true: NO TLS and NO node authentication; model updates travel in clear text. "
@@ -81,6 +82,7 @@ def run_merchant(options: MerchantOptions) -> int:
     """Validate, then run the SuperNode until it exits; returns its exit code."""
     counts = validate(options)
     check_merchant_delta(options.delta, counts["users"], counts["reviews"])
+    bind_directory(options.ledger_dir, Path(options.data_dir.resolve()).name)  # the id the ledgers are kept under
     print(f"merchant data OK: {counts}", flush=True)
     command = supernode_command(options)
     if options.insecure:

@@ -5,8 +5,10 @@ history of every round the merchant ever trained for that task, across runs and 
 epsilon is always recomputed from the whole composition, never summed by hand. Writes are
 atomic (temp file + fsync + rename): a crash leaves the previous ledger intact.
 
-A ledger is bound to its (unit, delta, accountant): reopening it with different values is
-refused, because the stored history would then back a different guarantee.
+A ledger is bound to its (merchant id, unit, delta, accountant): reopening it with different values
+is refused, because the stored history would then back a different guarantee. Every file carries a
+MAC keyed by a secret next to it, and every stored round is validated on load
+(privacy/ledger_integrity.py): an edited ledger is refused, never silently trusted.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from storefed.atomic_files import atomic_write_text
+from storefed.privacy.ledger_integrity import history_problem, ledger_key, remove_stray_temp_files, seal, verify
 from storefed.privacy.accounting import RDP_ORDERS, HistoryEntry, check_accountant, epsilon_of, rdp_one_step
 from storefed.privacy.skellam import ORDERS, SkellamPlan, epsilon_of_rdp, rdp_total, share_only
 
-LEDGER_SCHEMA = 1
+LEDGER_SCHEMA = 2  # 2: sealed with a MAC (schema-1 files are sealed when their directory gets its key)
 
 
 class LedgerError(ValueError):
@@ -160,7 +163,8 @@ class PrivacyLedger:
             "rounds": [asdict(r) for r in self.rounds],
             "group_size": self.group_size,
         }
-        atomic_write_text(self.path, json.dumps(payload, indent=2))
+        key, _ = ledger_key(self.path.parent)
+        atomic_write_text(self.path, json.dumps(seal(payload, key), indent=2))
 
 
 def open_ledger(
@@ -177,19 +181,36 @@ def open_ledger(
     The budget may change between runs (a merchant may raise or lower it); unit, delta and
     accountant may not.
     """
-    path = Path(directory) / f"{_safe(merchant_id)}.{task}.ledger.json"
+    path = Path(directory) / f"{ledger_stem(merchant_id)}.{task}.ledger.json"
     check_accountant(accountant)
+    remove_stray_temp_files(path)
+    if path.is_symlink() and not path.exists():
+        raise LedgerError(f"privacy ledger {path} is a dangling link: restore the ledger it pointed to")
     if not path.exists():
         return PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget)
+    restore = "it is the record of privacy already spent: restore it from backup rather than deleting or editing it"
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
+        key, created = ledger_key(path.parent)
+        if not isinstance(payload, dict) or not isinstance(payload.get("rounds"), list):
+            raise ValueError("not a ledger object with a list of rounds")
+        problem = history_problem(payload["rounds"])
         rounds = [RoundRecord(**r) for r in payload["rounds"]]
         stored = (payload["unit"], float(payload["delta"]), payload["accountant"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LedgerError(f"privacy ledger {path} is unreadable ({exc}); {restore}") from exc
+    legacy = payload.get("schema") == 1 and "mac" not in payload and created  # sealed at its next write
+    if not legacy and not verify(payload, key):
+        raise LedgerError(f"privacy ledger {path} failed its integrity check (its MAC does not match: it was "
+                          f"changed outside StoreFed, or its {path.parent / '.ledger-key'} was replaced); {restore}")
+    if problem:
+        raise LedgerError(f"privacy ledger {path} holds an invalid {problem}; {restore}")
+    if payload.get("merchant_id") != merchant_id:
         raise LedgerError(
-            f"privacy ledger {path} is unreadable ({exc}); it is the record of privacy already spent: "
-            "restore it from backup rather than deleting it"
-        ) from exc
+            f"privacy ledger {path} belongs to merchant {payload.get('merchant_id')!r}, not {merchant_id!r} "
+            "(merchant names that differ only in punctuation or spaces share a ledger file name): "
+            "give the merchants distinct names or separate ledger directories"
+        )
     if stored != (unit, float(delta), accountant):
         raise LedgerError(
             f"privacy ledger {path} was kept with unit={stored[0]}, delta={stored[1]:g}, accountant={stored[2]}; "
@@ -197,15 +218,20 @@ def open_ledger(
             "Use the ledger's settings, or a new ledger directory for a separate guarantee."
         )
     group = payload.get("group_size")
-    return PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget, rounds,
-                         None if group is None else int(group))
+    ledger = PrivacyLedger(path, merchant_id, task, unit, delta, accountant, epsilon_budget, rounds,
+                           None if group is None else int(group))
+    if legacy:  # a ledger from before integrity checks, in a directory that just got its key: seal it now
+        ledger.epsilon_budget = float(payload.get("epsilon_budget", epsilon_budget))
+        ledger.save()
+        ledger.epsilon_budget = epsilon_budget
+    return ledger
 
 
 def other_ledgers(ledger: PrivacyLedger) -> list[PrivacyLedger]:
     """The same merchant's ledgers of its other tasks, in the same directory (for the person budget)."""
     out = []
-    for path in sorted(ledger.path.parent.glob(f"{_safe(ledger.merchant_id)}.*.ledger.json")):
-        task = path.name[len(_safe(ledger.merchant_id)) + 1: -len(".ledger.json")]
+    for path in sorted(ledger.path.parent.glob(f"{ledger_stem(ledger.merchant_id)}.*.ledger.json")):
+        task = path.name[len(ledger_stem(ledger.merchant_id)) + 1: -len(".ledger.json")]
         if task != ledger.task and path.is_file():
             payload = json.loads(path.read_text(encoding="utf-8"))
             out.append(open_ledger(path.parent, ledger.merchant_id, task, payload["unit"], float(payload["delta"]),
@@ -222,5 +248,5 @@ def distributed_record(plan: SkellamPlan, sample_rate: float, run_id: str = "", 
                        mechanism="skellam", skellam=asdict(plan))
 
 
-def _safe(name: str) -> str:
+def ledger_stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from storefed.privacy.accounting import check_accountant
-from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord, open_ledger, records_epsilon
+from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord, ledger_stem, open_ledger
 
 LEDGER_GLOB = "*.ledger.json"
 
@@ -36,20 +36,24 @@ def ledger_status(directory: str | Path) -> list[dict]:
 def _row(path: Path) -> dict:
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
-        if payload.get("schema") != LEDGER_SCHEMA:
-            raise ValueError(f"schema {payload.get('schema')!r}, this StoreFed reads schema {LEDGER_SCHEMA}")
+        if payload.get("schema") not in (1, LEDGER_SCHEMA):
+            raise ValueError(f"schema {payload.get('schema')!r}, this StoreFed reads schemas 1 and {LEDGER_SCHEMA}")
         rounds = [RoundRecord(**r) for r in payload["rounds"]]
         merchant_id, task, unit = str(payload["merchant_id"]), str(payload["task"]), str(payload["unit"])
         delta, budget = float(payload["delta"]), float(payload["epsilon_budget"])
         accountant = check_accountant(payload["accountant"])
         cached = payload.get("epsilon_spent")
         cached = None if cached is None else float(cached)
-        spent = records_epsilon(rounds, delta, accountant)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise LedgerError(
             f"privacy ledger {path} is unreadable ({exc}); it is the record of privacy already spent: "
             "restore it from backup rather than deleting it"
         ) from exc
+    if not path.name.startswith(f"{ledger_stem(merchant_id)}.{task}."):
+        raise LedgerError(f"privacy ledger {path} holds merchant {merchant_id!r} task {task!r}: its file name does "
+                          "not match (a ledger copied or renamed by hand); restore it under its own name")
+    # the integrity checks (MAC, every round valid, merchant id) as a merchant's round runs them
+    spent = open_ledger(path.parent, merchant_id, task, unit, delta, accountant, budget).epsilon_spent
     return {
         "file": str(path),
         "merchant_id": merchant_id,

@@ -197,6 +197,24 @@ def test_insecure_merchant_warns_on_every_start_and_secure_needs_key(world, monk
     assert "--insecure" not in secure and str(certs / "ca.crt") in secure
 
 
+def test_renaming_the_data_directory_does_not_reset_the_budget(world, monkeypatch, tmp_path):
+    import shutil
+
+    from storefed.client import merchant_agent
+    from storefed.client.merchant_agent import MerchantOptions, run_merchant
+
+    tmp, _, _, _ = world
+    monkeypatch.setattr(merchant_agent.subprocess, "call", lambda cmd, env=None: 0)
+    ledger = tmp_path / "ledger"
+    assert run_merchant(MerchantOptions(data_dir=tmp / "shop-a", ledger_dir=ledger, superlink="h:1", insecure=True)) == 0
+    assert json.loads((ledger / "merchant.json").read_text()) == {"merchant_id": "shop-a"}
+    renamed = tmp_path / "shop-a-2027"
+    shutil.copytree(tmp / "shop-a", renamed)
+    with pytest.raises(ValueError, match="belongs to merchant 'shop-a', but this agent's data directory makes it "
+                                         "'shop-a-2027': the privacy budget stays with the merchant"):
+        run_merchant(MerchantOptions(data_dir=renamed, ledger_dir=ledger, superlink="h:1", insecure=True))
+
+
 def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
     """``flwr run`` reports success on submission; the server must read the run's real final status."""
     tmp, _, _, _ = world

@@ -61,7 +61,7 @@ def test_failed_write_keeps_previous_ledger_intact(tmp_path, monkeypatch):
         ledger.record_round("run", 2, 1.0, 0.5, 2)
     assert ledger.path.read_text(encoding="utf-8") == before
     assert len(ledger.rounds) == 1
-    assert [p.name for p in tmp_path.iterdir()] == [ledger.path.name]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ledger-key", ledger.path.name]  # no temp file left
     assert len(json.loads(before)["rounds"]) == 1
 
 
@@ -79,3 +79,75 @@ def test_merchant_status_command_prints_the_ledger(tmp_path):
     spent = epsilon_of([(1.1, 0.5, 4)], 1e-5)
     assert f"store-1  recommender  rounds 1  epsilon {spent:.3f} of 8 spent, {8 - spent:.3f} left" in done.stdout
     assert "per customer, delta=1e-05, RDP accountant, Poisson sampling" in done.stdout
+
+
+# --- integrity: every way an edited ledger could reset or shrink the spent budget is refused -----------
+def _reseal(path, change):
+    """Rewrite ``path`` with ``change(payload)`` applied and a *valid* MAC (as if the key were used)."""
+    from storefed.privacy.ledger_integrity import ledger_key, seal
+
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    change(payload)
+    path.write_text(json.dumps(seal(payload, ledger_key(path.parent)[0])), encoding="utf-8")
+
+
+@pytest.mark.parametrize("edit", [
+    lambda p: p["rounds"][0].update(steps=-50),
+    lambda p: p["rounds"].clear(),
+    lambda p: p["rounds"][0].update(noise_multiplier=50.0),
+    lambda p: p["rounds"][0].update(steps=0),
+    lambda p: p["rounds"][0].update(sample_rate=0.0),
+    lambda p: p.update(epsilon_spent=0.0),
+])
+def test_an_edited_ledger_fails_its_integrity_check(tmp_path, edit):
+    ledger = _open(tmp_path)
+    ledger.record_round("run", 1, 1.0, 0.5, 2)
+    payload = json.loads(ledger.path.read_text(encoding="utf-8"))
+    edit(payload)
+    ledger.path.write_text(json.dumps(payload), encoding="utf-8")
+    with pytest.raises(LedgerError, match="failed its integrity check.*restore it from backup"):
+        _open(tmp_path)
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda p: p["rounds"][0].update(steps=-50), "round 1: steps=-50 (must be an integer >= 1)"),
+    (lambda p: p["rounds"][0].update(sample_rate=0.0), "round 1: sample_rate=0.0 (must lie in (0, 1])"),
+    (lambda p: p["rounds"][0].update(noise_multiplier=0), "round 1: noise_multiplier=0 (must be > 0)"),
+    (lambda p: p["rounds"][1].update(epsilon_total=0.1), "round 2: epsilon_total 0.1 is below the previous"),
+    (lambda p: p["rounds"][0].update(mechanism="laplace"), "round 1: unknown mechanism 'laplace'"),
+])
+def test_even_a_validly_sealed_ledger_must_hold_valid_rounds(tmp_path, edit, problem):
+    ledger = _open(tmp_path)
+    ledger.record_round("run", 1, 1.0, 0.5, 2)
+    ledger.record_round("run", 2, 1.0, 0.5, 2)
+    _reseal(ledger.path, edit)
+    with pytest.raises(LedgerError, match="holds an invalid " + problem.replace("(", r"\(").replace(")", r"\)")):
+        _open(tmp_path)
+
+
+def test_a_replaced_key_a_dangling_link_and_a_foreign_merchant_are_refused(tmp_path):
+    ledger = _open(tmp_path, merchant_id="shop_b")
+    ledger.record_round("run", 1, 1.0, 0.5, 2)
+    with pytest.raises(LedgerError, match="belongs to merchant 'shop_b', not 'shop b'.*distinct names"):
+        _open(tmp_path, merchant_id="shop b")  # same file name after sanitizing: refused, not shared
+    key = tmp_path / ".ledger-key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    key.write_text(os.urandom(32).hex(), encoding="ascii")
+    with pytest.raises(LedgerError, match="failed its integrity check"):
+        _open(tmp_path, merchant_id="shop_b")
+    other = tmp_path / "links"
+    other.mkdir()
+    (other / "store-1.recommender.ledger.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(LedgerError, match="dangling link"):
+        _open(other)
+
+
+def test_stray_temp_files_of_an_interrupted_write_are_removed_on_open(tmp_path):
+    ledger = _open(tmp_path)
+    ledger.record_round("run", 1, 1.0, 0.5, 2)
+    stray = tmp_path / f".{ledger.path.name}.abc123.tmp"
+    stray.write_text("{half", encoding="utf-8")
+    unrelated = tmp_path / ".store-2.recommender.ledger.json.zz.tmp"
+    unrelated.write_text("{", encoding="utf-8")
+    assert len(_open(tmp_path).rounds) == 1
+    assert not stray.exists() and unrelated.exists(), "only this ledger's own leftovers are removed"

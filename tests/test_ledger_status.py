@@ -47,21 +47,39 @@ def test_status_reports_rounds_spent_and_left_per_merchant_and_task(tmp_path):
     ]
 
 
-def test_epsilon_is_recomputed_from_rounds_not_read_from_the_cached_field(tmp_path):
+def test_epsilon_is_recomputed_from_rounds_and_an_edited_cache_is_refused(tmp_path):
     ledger = _ledger(tmp_path, "store-1")
     ledger.record_round("run", 1, 1.0, 0.5, 4)
     ledger.record_round("run", 2, 1.0, 0.5, 4)
+    (row,) = ledger_status(tmp_path)
+    expected = epsilon_of([(1.0, 0.5, 8)], 1e-5, "rdp")
+    assert row["epsilon_spent"] == pytest.approx(expected, rel=1e-12)
     payload = json.loads(ledger.path.read_text(encoding="utf-8"))
     payload["epsilon_spent"] = 0.5  # stale or tampered cache
     ledger.path.write_text(json.dumps(payload), encoding="utf-8")
+    with pytest.raises(LedgerError, match="failed its integrity check"):
+        ledger_status(tmp_path)
 
-    (row,) = ledger_status(tmp_path)
 
-    expected = epsilon_of([(1.0, 0.5, 8)], 1e-5, "rdp")
-    assert expected > 0.5
-    assert row["epsilon_spent"] == pytest.approx(expected, rel=1e-12)
-    assert row["epsilon_cached"] == 0.5
+def test_a_pre_integrity_ledger_is_read_once_with_its_cache_checked_then_sealed(tmp_path):
+    legacy = tmp_path / "old"
+    _ledger(legacy, "store-1").record_round("run", 1, 1.0, 0.5, 8)
+    payload = json.loads((legacy / "store-1.recommender.ledger.json").read_text(encoding="utf-8"))
+    payload.pop("mac")
+    payload["schema"], payload["epsilon_spent"] = 1, 0.5
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "store-1.recommender.ledger.json").write_text(json.dumps(payload), encoding="utf-8")
+    (row,) = ledger_status(fresh)  # no key yet in this directory: a ledger from before integrity checks
+    assert row["epsilon_spent"] == pytest.approx(epsilon_of([(1.0, 0.5, 8)], 1e-5, "rdp"), rel=1e-12)
     assert "file's cached epsilon 0.500 disagrees; recomputed from its rounds" in format_ledger_status([row])
+    sealed = json.loads((fresh / "store-1.recommender.ledger.json").read_text(encoding="utf-8"))
+    assert sealed["schema"] == 2 and len(sealed["mac"]) == 64 and sealed["rounds"] == payload["rounds"]
+    assert ledger_status(fresh)[0]["epsilon_cached"] == pytest.approx(row["epsilon_spent"])
+    (fresh / "store-2.recommender.ledger.json").write_text(json.dumps(payload | {"merchant_id": "store-2"}),
+                                                         encoding="utf-8")
+    with pytest.raises(LedgerError, match="store-2.recommender.ledger.json failed its integrity check"):
+        ledger_status(fresh)  # the directory has its key now: an unsealed ledger is no longer trusted
 
 
 def test_epsilon_left_floors_at_zero_when_the_budget_was_lowered_below_the_spend(tmp_path):
