@@ -18,9 +18,13 @@ from storefed.server.screening import RoundScreening
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, task: str, unit: str, accountant: str, dp: bool) -> None:
+    def __init__(self, run_dir: Path, task: str, unit: str, accountant: str, dp: bool, distributed: bool = False,
+                 sampling: str = "Poisson") -> None:
+        """``distributed``: privacy.mode=distributed (population-level epsilon, Skellam RDP accountant);
+        ``sampling``: how units enter a step ("Poisson", or "none (every unit, q = 1)" for one-shot releases)."""
         self.run_dir = Path(run_dir)
-        self.task, self.unit, self.accountant, self.dp = task, unit, accountant, dp
+        self.task, self.unit, self.dp, self.distributed, self.sampling = task, unit, dp, distributed, sampling
+        self.accountant = "skellam-rdp" if distributed else accountant
         self.rows: list[dict] = []
         self.merchant_epsilon: dict[str, float] = {}
         self.pending: dict[int, dict] = {}
@@ -74,7 +78,8 @@ class RunLog:
         elif "epsilon_total_max" in row:
             parts.append(
                 f"max merchant epsilon so far {row['epsilon_total_max']:.3f} "
-                f"(per {self.unit}, delta={row['delta']:g}, {self.accountant.upper()} accountant, Poisson sampling)"
+                f"(per {self.unit}, delta={row['delta']:g}, {self.accountant.upper()} accountant, "
+                f"{self.sampling} sampling, {'distributed' if self.distributed else 'local'} mode)"
             )
         return " | ".join(parts)
 
@@ -89,14 +94,19 @@ class RunLog:
     def privacy_summary(self, client_level: dict | None = None) -> dict:
         """Two separate guarantees: record/customer-level per merchant, and client-level per run."""
         finite = [e for e in self.merchant_epsilon.values() if math.isfinite(e)]
-        record = "record-level DP per merchant (local DP-SGD)" if self.dp else "NO record-level DP"
+        record = "NO record-level DP"
+        if self.dp:
+            record = ("record-level DP at the population level (distributed mode: merchants' Skellam noise shares "
+                      "summed by secure aggregation; holds only while secure aggregation holds)" if self.distributed
+                      else "record-level DP per merchant (local DP-SGD)")
         central = "client-level central DP per run (see client_level)" if client_level else "no client-level (central) DP"
         return {
             "guarantee": f"{record}; {central}",
             "client_level": client_level,
             "unit": self.unit if self.dp else "none",
             "accountant": self.accountant if self.dp else "none",
-            "sampling": "Poisson" if self.dp else "none",
+            "sampling": self.sampling if self.dp else "none",
+            "mode": ("distributed" if self.distributed else "local") if self.dp else "none",
             "merchants_trained": len(self.merchant_epsilon),
             "epsilon_max": max(finite) if finite else None,
             "epsilon_by_node": self.merchant_epsilon,

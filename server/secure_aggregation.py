@@ -378,7 +378,9 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
         opts = distributed_options(opts, federation)
     names = list(state)
     dtypes = {k: state[k].dtype for k in names}
-    log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, bool(privacy.enabled))
+    released = getattr(task, "released", False)
+    log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, bool(privacy.enabled), distributed,
+                 "none (every unit, q = 1)" if released else "Poisson")
     round_log = SecureRoundLog(log)
     print(f"[{task.name}] {SCREENING_NOTE}", flush=True)
     flwr_log(INFO, "StoreFed: %s", SCREENING_NOTE)

@@ -106,6 +106,9 @@ def test_item_item_goes_through_secaggplus_in_two_rounds(tmp_path, flower_identi
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
     summary = run_secure_federation(InProcessGrid(3), context, settings, tmp_path / "run")
     assert summary["rounds_completed"] == 2
+    claim = summary["privacy"]
+    assert claim["mode"] == "distributed" and claim["accountant"] == "skellam-rdp"
+    assert claim["sampling"] == "none (every unit, q = 1)" and "holds only while secure aggregation holds" in claim["guarantee"]
     weights, _ = load_global_model(tmp_path / "run")
     assert float(weights["popularity"].max()) > 1.0 and float(weights["cooccurrence"].abs().sum()) > 0
     for path in (tmp_path / "run" / "ledgers").glob("*.ledger.json"):
