@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from storefed.atomic_files import atomic_write_text
-from storefed.privacy.ledger_integrity import history_problem, ledger_key, remove_stray_temp_files, seal, verify
 from storefed.privacy.accounting import RDP_ORDERS, HistoryEntry, check_accountant, epsilon_of, rdp_one_step
+from storefed.privacy.ledger_integrity import history_problem, ledger_key, remove_stray_temp_files, seal, verify
 from storefed.privacy.skellam import ORDERS, SkellamPlan, epsilon_of_rdp, rdp_total, share_only
 
 LEDGER_SCHEMA = 2  # 2: sealed with a MAC (schema-1 files are sealed when their directory gets its key)

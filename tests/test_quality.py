@@ -27,7 +27,9 @@ def _run(tmp_path, overrides: list[str]) -> tuple[object, dict]:
 def test_federated_dp_recommender_beats_popularity_on_full_ranking(tmp_path):
     """Every store takes part in every round, so the final model averages 20 merchants' noisy updates:
     with 10 of 20 per round the last round's model varied from 0.056 to 0.13 HR@10 across runs (DP noise
-    comes from OS entropy) and fell below the bar once in seven runs here; with all 20 it gave 0.126-0.134."""
+    comes from OS entropy) and fell below the bar once in seven runs here; with all 20 it gave 0.126-0.134.
+    With the catalog's categories (task.catalog_features, default since issue 11) it gave 0.393 against
+    popularity's 0.063, so the bar is 3x popularity."""
     stores = 20
     settings, summary = _run(
         tmp_path,
@@ -55,8 +57,8 @@ def test_federated_dp_recommender_beats_popularity_on_full_ranking(tmp_path):
     popular = evaluate_scores(popularity_scorer(train, catalog.num_items), test, catalog.num_items, 10, 100, seed=0)
     print(f"DP federated HR@10 {learned['hr@10']:.4f} NDCG@10 {learned['ndcg@10']:.4f}; "
           f"popularity HR@10 {popular['hr@10']:.4f} NDCG@10 {popular['ndcg@10']:.4f} ({len(test)} customers)")
-    assert learned["hr@10"] >= 1.25 * popular["hr@10"]
-    assert learned["ndcg@10"] >= 1.25 * popular["ndcg@10"]
+    assert learned["hr@10"] >= 3.0 * popular["hr@10"]
+    assert learned["ndcg@10"] >= 3.0 * popular["ndcg@10"]
 
 
 def test_federated_dp_review_model_beats_majority_class_and_exports_a_pipeline_model(tmp_path):

@@ -29,7 +29,7 @@ class RecommenderConfig:
     # history: next_item (one random cut of the history per step) | multinomial (the whole history per step)
     objective: str = "next_item"
     input_dropout: float = 0.5  # multinomial: share of a customer's items hidden from the input
-    catalog_features: bool = False  # history: add a category embedding and category score (public catalog)
+    catalog_features: bool = True  # history: add a category embedding and category score when the catalog has categories
     holdout: str = "test"  # test | validation: score on each customer's last training item instead
     # item_item, chosen on the validation split (docs/results.md): null = the value for the privacy setting
     candidate_items: Optional[int] = None  # items the co-occurrence covers (0 = all); null: all without DP, 50 DP
