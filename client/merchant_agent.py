@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from storefed.data.merchant_files import load_catalog, load_merchant_dir, summarize
+from storefed.data.merchant_files import MerchantDataError, load_catalog, load_merchant_dir, summarize
 from storefed.flower_env import flower_env
 from storefed.privacy.delta_check import check_merchant_delta
 from storefed.privacy.ledger_integrity import bind_directory
@@ -46,7 +46,13 @@ class MerchantOptions:
 def validate(options: MerchantOptions) -> dict:
     """Load and validate the data directory; returns its counts. Raises MerchantDataError."""
     catalog = load_catalog(options.catalog or options.data_dir / "catalog.csv")
-    return summarize(load_merchant_dir(options.data_dir, catalog))
+    data = load_merchant_dir(options.data_dir, catalog)
+    if data.num_users == 0:
+        raise MerchantDataError(options.data_dir, "no usable customers: the files hold no rows"
+                                + (f" ({data.dropped_unknown_items} dropped: their items are not in the catalog)"
+                                   if data.dropped_unknown_items else "")
+                                + "; check the files and the catalog before joining a federation")
+    return summarize(data)
 
 
 def node_config(options: MerchantOptions) -> str:

@@ -174,6 +174,8 @@ def test_amazon_category_field(tmp_path: Path) -> None:
         (lambda r: r.update(overall="good"), "overall"),
         (lambda r: r.update(unixReviewTime="yesterday"), "unixReviewTime"),
         (lambda r: r.pop("unixReviewTime"), "unixReviewTime"),
+        (lambda r: r.update(unixReviewTime=-5), "unixReviewTime"),  # would not load back as a merchant dir
+        (lambda r: r.update(unixReviewTime=10**20), "unixReviewTime"),
         (lambda r: r.update(reviewText=42), "reviewText"),
     ],
 )

@@ -388,3 +388,32 @@ def test_write_empty_interactions(tmp_path: Path) -> None:
     loaded = load_merchant_dir(tmp_path / "m", CATALOG)
     assert len(loaded.interactions) == 0 and loaded.interactions.rating is None
     assert loaded.num_users == 3  # only users with rows survive a round trip
+
+
+def test_huge_timestamps_deep_json_and_long_texts_are_clear_errors(tmp_path: Path) -> None:
+    write(tmp_path / "a" / "interactions.csv", "user_id,item_id,timestamp\nu,A,1\nu,A,99999999999999999999999\n")
+    err = load_error(tmp_path / "a")
+    assert_names(err, "interactions.csv", 3, "timestamp")
+    assert "0 to 253402300799" in str(err) and "milliseconds are too large" in str(err)
+    write(tmp_path / "b" / "reviews.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")
+    err = load_error(tmp_path / "b")
+    assert_names(err, "reviews.jsonl", 1, None)
+    assert "nested too deeply" in str(err)
+    rec = {"user_id": "u", "item_id": "A", "rating": 4, "text": "x" * 5_000_000, "timestamp": 1}
+    write(tmp_path / "c" / "reviews.jsonl", json.dumps(rec) + "\n")
+    err = load_error(tmp_path / "c")
+    assert_names(err, "reviews.jsonl", 1, "text")
+    assert "at most 131072 characters (as in CSV), got 5000000" in str(err)
+
+
+def test_a_merchant_without_usable_customers_is_refused_at_start(tmp_path: Path) -> None:
+    from storefed.client.merchant_agent import MerchantOptions, validate
+
+    write(tmp_path / "m" / "catalog.csv", "item_id\nA\n")
+    write(tmp_path / "m" / "interactions.csv", "user_id,item_id,timestamp\nu1,ZZZ,1\nu2,ZZZ,2\n")
+    options = MerchantOptions(data_dir=tmp_path / "m", ledger_dir=tmp_path / "l", superlink="h:1", insecure=True)
+    with pytest.raises(MerchantDataError, match=r"no usable customers: .*\(2 dropped: their items are not in the catalog\)"):
+        validate(options)
+    write(tmp_path / "m" / "interactions.csv", "user_id,item_id,timestamp\n")
+    with pytest.raises(MerchantDataError, match="no usable customers: the files hold no rows; check"):
+        validate(options)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storefed.data.merchant_files import MAX_TIMESTAMP
 from storefed.data.partition import partition_users
 from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews, empty_reviews
 
@@ -92,6 +93,14 @@ def _integer(value: object, path: Path, lineno: int, field: str) -> int:
     raise _bad(path, lineno, field, f"expected an integer, got {value!r}")
 
 
+def _timestamp(value: object, path: Path, lineno: int, field: str) -> int:
+    """Unix seconds that a merchant directory accepts (0 to year 9999), so imports always load back."""
+    stamp = _integer(value, path, lineno, field)
+    if not 0 <= stamp <= MAX_TIMESTAMP:
+        raise _bad(path, lineno, field, f"expected unix seconds from 0 to {MAX_TIMESTAMP}, got {stamp}")
+    return stamp
+
+
 def _string(record: dict, key: str, path: Path, lineno: int, required: bool = True) -> str:
     value = record.get(key)
     if value is None and not required:
@@ -154,6 +163,8 @@ def read_amazon_reviews(path: str | Path) -> tuple[Catalog, RawTable]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {lineno}: invalid JSON ({e})") from None
+        except RecursionError:
+            raise ValueError(f"{path}: line {lineno}: JSON nested too deeply (expected one flat review object)") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line {lineno}: expected a JSON object")
         users.append(_string(record, "reviewerID", path, lineno))
@@ -162,7 +173,7 @@ def read_amazon_reviews(path: str | Path) -> tuple[Catalog, RawTable]:
         ratings.append(_rating(record.get("overall"), path, lineno, "overall"))
         if "unixReviewTime" not in record:
             raise _bad(path, lineno, "unixReviewTime", "missing")
-        stamps.append(_integer(record["unixReviewTime"], path, lineno, "unixReviewTime"))
+        stamps.append(_timestamp(record["unixReviewTime"], path, lineno, "unixReviewTime"))
         texts.append(_string(record, "reviewText", path, lineno, required=False))
         category = _category(record)
         if category is not None:
@@ -198,7 +209,7 @@ def read_movielens(path: str | Path) -> tuple[Catalog, RawTable]:
         users.append(_integer(parts[0].strip(), path, lineno, "user"))
         items.append(_integer(parts[1].strip(), path, lineno, "item"))
         ratings.append(_rating(parts[2].strip(), path, lineno, "rating"))
-        stamps.append(_integer(parts[3].strip(), path, lineno, "timestamp"))
+        stamps.append(_timestamp(parts[3].strip(), path, lineno, "timestamp"))
     if not users:
         raise ValueError(f"{path}: no ratings found")
     item_ids = tuple(str(i) for i in sorted(set(items)))

@@ -55,6 +55,8 @@ _EXPECTED_FILES = (
     f"{REVIEWS_CSV_FILE} or {REVIEWS_JSONL_FILE}"
 )
 _DIGITS = re.compile(r"[0-9]+")
+MAX_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z: larger "unix seconds" are a unit mistake (ms, us)
+MAX_TEXT_CHARS = csv.field_size_limit()  # the CSV reader's own field limit (131,072), for JSONL too
 
 
 class MerchantDataError(ValueError):
@@ -180,6 +182,9 @@ def _jsonl_records(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int,
             raise MerchantDataError(
                 path, f"not valid JSON ({e.msg} at column {e.colno})", line=line
             ) from None
+        except RecursionError:
+            raise MerchantDataError(path, "JSON nested too deeply; expected one flat object per line",
+                                    line=line) from None
         if not isinstance(obj, dict):
             raise MerchantDataError(
                 path, f"expected a JSON object with keys {', '.join(required)}", line=line
@@ -222,8 +227,9 @@ def _parse_timestamp(value: Any) -> int:
         ts = _parse_int(value)
     except TypeError:
         ts = -1
-    if ts < 0:
-        raise ValueError(f"expected an integer unix time in seconds (>= 0), got {_show(value)}")
+    if not 0 <= ts <= MAX_TIMESTAMP:
+        raise ValueError(f"expected an integer unix time in seconds (0 to {MAX_TIMESTAMP}, year 9999; "
+                         f"milliseconds are too large), got {_show(value)}")
     return ts
 
 
@@ -251,6 +257,9 @@ def _parse_interaction_rating(value: Any) -> float:
 
 
 def _parse_text(value: Any) -> str:
+    if isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"expected at most {MAX_TEXT_CHARS} characters (as in CSV), got {len(value)}: shorten "
+                         "the review (the review model reads its first 256 tokens)")
     if isinstance(value, str):
         return value
     raise ValueError(f"expected a string (may be empty), got {_show(value)}")
