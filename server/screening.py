@@ -4,8 +4,9 @@
 - An update is accepted only if it carries exactly the expected tensor names and shapes, every
   tensor is float32 (the global model's dtype) with finite values, and it reports a finite,
   whole, positive number of examples of at most ``MAX_EXAMPLES``. Anything else is dropped and
-  logged; it never reaches aggregation. (Not yet checked: the update's norm, and a weight that is
-  plausible but inflated: see the reliability issue.)
+  logged; it never reaches aggregation. With ``federation.max_update_norm`` an update farther than
+  that (L2, over all tensors) from the global model it started from is rejected too. (Not checked: a
+  weight that is plausible but inflated; robust strategies, fedmedian / fedtrimmedavg, bound its effect.)
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ class RoundScreening:
     failed: dict[int, str] = field(default_factory=dict)  # node id -> error reported by Flower
 
 
-def screen_train_replies(replies: list[Message], expected: dict[str, tuple[int, ...]]) -> RoundScreening:
-    """Split replies into accepted updates, refusals, invalid updates and failures."""
+def screen_train_replies(
+    replies: list[Message], expected: dict[str, tuple[int, ...]], current=None, max_update_norm: float | None = None,
+) -> RoundScreening:
+    """Split replies into accepted updates, refusals, invalid updates and failures; ``current`` (the
+    global ArrayRecord the round started from) and ``max_update_norm`` bound each update's L2 norm."""
     out = RoundScreening()
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -40,11 +44,24 @@ def screen_train_replies(replies: list[Message], expected: dict[str, tuple[int, 
             out.refused[node] = str(msg.content.config_records.get("privacy", {}).get("refusal", "no reason given"))
             continue
         problem = _update_problem(msg, expected)
+        if not problem and max_update_norm is not None and current is not None and len(current):
+            norm = update_norm(msg.content.array_records["arrays"], current)
+            if norm > max_update_norm:
+                problem = f"update norm {norm:.4g} exceeds federation.max_update_norm={max_update_norm:g}"
         if problem:
             out.rejected[node] = problem
         else:
             out.accepted.append(msg)
     return out
+
+
+def update_norm(arrays, current) -> float:
+    """L2 norm of ``arrays - current`` over every tensor (float64)."""
+    total = 0.0
+    for name, array in arrays.items():
+        diff = array.numpy().astype(np.float64) - current[name].numpy().astype(np.float64)
+        total += float(np.dot(diff.ravel(), diff.ravel()))
+    return math.sqrt(total)
 
 
 def _update_problem(msg: Message, expected: dict[str, tuple[int, ...]]) -> str | None:

@@ -14,14 +14,15 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from storefed.config.schema import FederationConfig, PrivacyConfig, StrategyConfig
 from storefed.privacy.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options
 from storefed.server.screening import RoundScreening, screen_train_replies
 
-STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx}
+STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx, "fedmedian": FedMedian,
+              "fedtrimmedavg": FedTrimmedAvg}
 _SUMMED = ("num-examples", "steps", "refused")
 
 
@@ -85,7 +86,7 @@ def build_strategy(
         **options,
     )
     central = CentralDP(privacy_cfg, inner, per_round, num_stores) if central_mode != "none" else None
-    return ScreenedStrategy(inner, expected, on_screened, on_round_end, central)
+    return ScreenedStrategy(inner, expected, on_screened, on_round_end, central, federation_cfg.max_update_norm)
 
 
 class ScreenedStrategy(Strategy):
@@ -102,9 +103,10 @@ class ScreenedStrategy(Strategy):
         on_screened: Callable[[int, RoundScreening], None],
         on_round_end: Callable[[int, dict | None, dict | None], None] | None,
         central: CentralDP | None,
+        max_update_norm: float | None = None,
     ) -> None:
         super().__init__()
-        self.inner, self.expected, self.central = inner, expected, central
+        self.inner, self.expected, self.central, self.max_update_norm = inner, expected, central, max_update_norm
         self.on_screened, self.on_round_end = on_screened, on_round_end
         self.aggregator: Strategy = central.wrapper if central else inner
         # Evaluation metrics are not released under central DP: weighted by examples, as without it.
@@ -122,7 +124,7 @@ class ScreenedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        screening = screen_train_replies(list(replies), self.expected)
+        screening = screen_train_replies(list(replies), self.expected, self._current, self.max_update_norm)
         self.on_screened(server_round, screening)
         if not screening.accepted:
             return None, None

@@ -120,3 +120,38 @@ def test_screening_rejects_wrong_names_shapes_and_non_finite_updates():
         13: "tensor w has dtype bool, expected float32 (the global model's)",
     }
     assert list(out.refused) == [6]
+
+
+def _poisoned_round(strategy_cfg, max_update_norm=None):
+    """4 honest merchants move the global model by ~0.01; merchant 5 sends a 1e6-scaled update."""
+    import dataclasses
+
+    from storefed.config.schema import FederationConfig
+    from storefed.server.strategy import build_strategy
+
+    rng = np.random.default_rng(0)
+    start = {"w": rng.normal(size=(4, 5)).astype(np.float32)}
+    honest = [{"w": start["w"] + rng.normal(scale=0.01, size=(4, 5)).astype(np.float32)} for _ in range(4)]
+    attack = {"w": start["w"] + 1e6 * (honest[0]["w"] - start["w"])}
+    federation = dataclasses.replace(FederationConfig(num_stores=5, stores_per_round=5), max_update_norm=max_update_norm)
+    seen = []
+    strategy = build_strategy(strategy_cfg, federation, {"w": (4, 5)}, lambda r, s: seen.append(s))
+    strategy._current = ArrayRecord({"w": Array(start["w"])})  # the model this round started from
+    arrays, _ = strategy.aggregate_train(1, [_reply(n + 1, a) for n, a in enumerate(honest + [attack])])
+    honest_mean = np.mean([h["w"] for h in honest], axis=0)
+    spread = max(np.linalg.norm(h["w"] - honest_mean) for h in honest)
+    return np.linalg.norm(arrays["w"].numpy() - honest_mean), spread, seen[0]
+
+
+def test_one_poisoned_update_takes_over_fedavg_but_not_a_robust_strategy_or_a_norm_bound():
+    from storefed.config.schema import FedAvgConfig, FedMedianConfig, FedTrimmedAvgConfig
+
+    distance, spread, _ = _poisoned_round(FedAvgConfig())
+    assert distance > 1000, "plain FedAvg follows the attacker"
+    for cfg in (FedMedianConfig(), FedTrimmedAvgConfig(beta=0.2)):
+        distance, spread, screening = _poisoned_round(cfg)
+        assert distance <= spread, f"{cfg.name}: within the honest updates' own spread of their mean"
+        assert len(screening.accepted) == 5
+    distance, _, screening = _poisoned_round(FedAvgConfig(), max_update_norm=1.0)
+    assert distance < 1e-6, "the bound rejects the attacker and FedAvg averages the honest four exactly"
+    assert list(screening.rejected) == [5] and "exceeds federation.max_update_norm=1" in screening.rejected[5]

@@ -175,7 +175,22 @@ class FedProxConfig:
     proximal_mu: float = 0.1
 
 
-StrategyConfig = FedAvgConfig | FedAdamConfig | FedProxConfig
+@dataclass
+class FedMedianConfig:
+    """Coordinate-wise median of the updates (Flower's FedMedian): robust to a minority of outliers."""
+
+    name: str = "fedmedian"
+
+
+@dataclass
+class FedTrimmedAvgConfig:
+    """Coordinate-wise mean after dropping the ``beta`` share of largest and smallest values (Flower)."""
+
+    name: str = "fedtrimmedavg"
+    beta: float = 0.2
+
+
+StrategyConfig = FedAvgConfig | FedAdamConfig | FedProxConfig | FedMedianConfig | FedTrimmedAvgConfig
 
 
 # --- federation -----------------------------------------------------------------------------------
@@ -187,6 +202,9 @@ class FederationConfig:
     rounds: int = 5
     client_cpus: int = 1  # per virtual client; 1 is best on small machines
     client_gpus: float = 0.0  # fraction of a GPU per virtual client
+    # the coordinator rejects an update whose L2 distance to the global model exceeds this (null: no bound;
+    # not checkable under secure aggregation, where the coordinator sees only the sum)
+    max_update_norm: Optional[float] = None
 
     def evaluated_per_round(self) -> int:
         """Merchants that evaluate the global model each round."""

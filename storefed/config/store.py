@@ -24,7 +24,8 @@ ROOT_CONFIGS = {
 GROUP_OPTIONS = {
     "task": {"recommender": s.RecommenderConfig, "review": s.ReviewConfig},
     "privacy": {"dp": s.PrivacyConfig, "privacy_schema": s.PrivacyConfig},
-    "strategy": {"fedavg": s.FedAvgConfig, "fedadam": s.FedAdamConfig, "fedprox": s.FedProxConfig},
+    "strategy": {"fedavg": s.FedAvgConfig, "fedadam": s.FedAdamConfig, "fedprox": s.FedProxConfig,
+                 "fedmedian": s.FedMedianConfig, "fedtrimmedavg": s.FedTrimmedAvgConfig},
     "federation": {"local": s.FederationConfig, "federation_schema": s.FederationConfig},
     "data": {"virtual": s.VirtualDataConfig, "files": s.FilesDataConfig, "imported_schema": s.ImportedDataConfig},
 }

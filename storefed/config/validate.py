@@ -222,6 +222,8 @@ def _federation(federation: s.FederationConfig, cfg: Any) -> None:
     if not 0 <= federation.evaluated_per_round() <= federation.num_stores:
         _fail("federation.eval_stores_per_round", federation.eval_stores_per_round,
               f"must lie in 0..federation.num_stores={federation.num_stores}")
+    if federation.max_update_norm is not None:
+        _positive("federation.max_update_norm", federation.max_update_norm)
     if not federation.client_gpus >= 0:
         _fail("federation.client_gpus", federation.client_gpus, "must be >= 0 (a fraction of a GPU per client)")
 
@@ -254,6 +256,9 @@ def _data(data: s.DataConfig, cfg: Any) -> None:
 
 
 def _strategy(strategy: s.StrategyConfig, cfg: Any) -> None:
+    if isinstance(strategy, s.FedTrimmedAvgConfig) and not (isinstance(strategy.beta, (int, float))
+                                                           and 0 <= strategy.beta < 0.5):
+        _fail("strategy.beta", strategy.beta, "must lie in [0, 0.5) (the share trimmed at each end)")
     if isinstance(strategy, s.FedAdamConfig):
         for key in ("eta", "eta_l", "tau"):
             _positive(f"strategy.{key}", getattr(strategy, key))
