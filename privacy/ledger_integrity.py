@@ -122,6 +122,9 @@ def bind_directory(directory: Path, merchant_id: str) -> None:
 
     The ledgers are found by merchant id, and a deployed merchant's id is its data directory's name:
     without this, renaming that directory would open fresh, empty ledgers (a reset budget)."""
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise ValueError(f"ledger_dir={directory} is a file, not a directory: point ledger_dir at the directory "
+                         "that holds (or will hold) this merchant's privacy ledgers")
     path = Path(directory) / OWNER_FILE
     if not path.exists():
         payload = {"merchant_id": merchant_id}

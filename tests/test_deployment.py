@@ -213,6 +213,9 @@ def test_renaming_the_data_directory_does_not_reset_the_budget(world, monkeypatc
     with pytest.raises(ValueError, match="belongs to merchant 'shop-a', but this agent's data directory makes it "
                                          "'shop-a-2027': the privacy budget stays with the merchant"):
         run_merchant(MerchantOptions(data_dir=renamed, ledger_dir=ledger, superlink="h:1", insecure=True))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="ledger_dir=.*a-file is a file, not a directory"):
+        run_merchant(MerchantOptions(data_dir=renamed, ledger_dir=tmp_path / "a-file", superlink="h:1", insecure=True))
 
 
 def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
@@ -228,9 +231,10 @@ def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
         ), tmp / "server.log")
         procs.append(server)
         server.wait_for("submitted run", timeout=90)
-        not_a_dir = tmp / "ledger-file"  # the merchant crashes at round time: its ledger cannot be written
-        not_a_dir.write_text("not a directory")
-        procs.append(Proc(_storefed("merchant", f"data_dir={tmp / 'shop-a'}", f"ledger_dir={not_a_dir}",
+        broken = tmp / "ledger-broken"  # the merchant fails at round time: its ledger is unreadable
+        broken.mkdir(exist_ok=True)
+        (broken / "shop-a.recommender.ledger.json").write_text("{not json")
+        procs.append(Proc(_storefed("merchant", f"data_dir={tmp / 'shop-a'}", f"ledger_dir={broken}",
                                     f"superlink=127.0.0.1:{fleet}", "insecure=true", f"port={port}"), tmp / "merchant.log"))
         assert server.popen.wait(timeout=300) == 1
     finally:
