@@ -71,6 +71,40 @@ def write_connection(flwr_home: Path, options: ServerOptions) -> None:
     atomic_write_text(flwr_home / "config.toml", "\n".join(lines) + "\n")
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(options: ServerOptions) -> str | None:
+    """Why these options would expose the coordinator, or None: checked before the SuperLink starts."""
+    if not _loopback(options.control_host):
+        return (f"server.control_host={options.control_host} is not allowed: the control API and the ServerApp "
+                "runtime have no authentication; keep them on 127.0.0.1 (reach them over SSH)")
+    fleet_host = options.fleet_address.rsplit(":", 1)[0]
+    if options.insecure and not _loopback(fleet_host):
+        return (f"server.insecure=true with server.fleet_address={options.fleet_address} is not allowed: plain-text "
+                "gRPC without merchant authentication must stay on loopback (server.fleet_address=127.0.0.1:PORT)")
+    if not options.insecure and (options.certs_dir / "server.pem").is_file():
+        import datetime as dt
+
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate((options.certs_dir / "server.pem").read_bytes())
+        now = dt.datetime.now(dt.timezone.utc)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return (f"{options.certs_dir / 'server.pem'} is valid only from {cert.not_valid_before_utc:%Y-%m-%d} to "
+                    f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now: merchants would refuse the connection; "
+                    f"create new TLS material with `storefed certs out_dir={options.certs_dir} force=true`")
+    return None
+
+
 def superlink_command(options: ServerOptions, run_dir: Path) -> list[str]:
     cmd = [
         flwr_bin("flower-superlink"),
@@ -174,6 +208,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def serve(settings: ServerRunConfig, options: ServerOptions, run_dir: Path) -> dict:
     """Start the SuperLink, register merchants, run one federation, stop the SuperLink."""
+    problem = exposure_problem(options)
+    if problem:  # a bad input: refused (exit 2) before anything is written or started
+        raise ValueError(problem)
     run_dir.mkdir(parents=True, exist_ok=True)
     if options.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)

@@ -282,3 +282,37 @@ def test_tls_deployment_runs_distributed_dp_end_to_end(world):
         assert led["rounds"][-1]["epsilon_own_share_total"] > led["rounds"][-1]["epsilon_total"]
     assert len({round(led["rounds"][-1]["epsilon_total"], 9) for led in ledgers}) == 1, "one population-level epsilon"
     assert "population-level epsilon" in (tmp / "shop-a-distributed.log").read_text()
+
+
+def test_exposing_options_and_an_expired_certificate_are_refused_before_start(tmp_path, capsys):
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from storefed.cli import main
+    from storefed.server.deployment import ServerOptions, exposure_problem
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(past).not_valid_after(past + dt.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (certs / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    base = dict(certs_dir=certs, authorized_dir=certs, fleet_address="0.0.0.0:9092")
+    assert "not now: merchants would refuse" in exposure_problem(ServerOptions(**base))
+    assert "control_host=0.0.0.0 is not allowed" in exposure_problem(ServerOptions(**base, control_host="0.0.0.0"))
+    insecure = ServerOptions(**base, insecure=True)
+    assert "insecure=true with server.fleet_address=0.0.0.0:9092 is not allowed" in exposure_problem(insecure)
+    assert exposure_problem(ServerOptions(**{**base, "fleet_address": "127.0.0.1:9092"}, insecure=True)) is None
+    run_dir = tmp_path / "run"
+    code = main(["server", f"run_dir={run_dir}", f"server.certs_dir={certs}", "server.control_host=10.0.0.5",
+                 f"data.catalog={tmp_path / 'catalog.csv'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "server.control_host=10.0.0.5 is not allowed" in err and "\n" not in err
+    assert not run_dir.exists(), "nothing written or started"
