@@ -65,6 +65,7 @@ def round_config(settings: RunConfig, run_dir: Path) -> RoundConfig:
         seed=settings.seed,
         device=settings.device,
         run_id=run_dir.name,
+        failure_rate=float(settings.federation.failure_rate),
     )
 
 

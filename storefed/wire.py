@@ -65,6 +65,7 @@ class RoundConfig:
     seed: int = 0
     device: str = "auto"
     run_id: str = ""
+    failure_rate: float = 0.0  # simulation only: share of merchants' train calls that fail on purpose
 
     def to_record(self) -> dict[str, Any]:
         """Flat ``{dotted.key: scalar | list}`` (None omitted), the contents of a Flower ConfigRecord."""
@@ -86,6 +87,7 @@ class RoundConfig:
             seed=int(record.get("seed", 0)),
             device=str(record.get("device", "auto")),
             run_id=str(record.get("run-id", "")),
+            failure_rate=float(record.get("failure_rate", 0.0)),
         )
 
 

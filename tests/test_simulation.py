@@ -94,3 +94,22 @@ def test_distributed_dp_simulation_runs_over_secagg_with_population_level_epsilo
     assert ledgers and all(r["mechanism"] == "skellam" for led in ledgers for r in led["rounds"])
     assert max(r["epsilon_total"] for led in ledgers for r in led["rounds"]) <= 8.0
     assert "population-level epsilon" in done.stdout + done.stderr
+
+
+def test_injected_failures_are_reproducible_counted_and_the_run_completes(tmp_path):
+    """federation.failure_rate: about that share of train calls fail; the strategy aggregates the rest."""
+    from conftest import base_settings
+    from storefed.client.client_app import injected_failure
+    from storefed.server.run_setup import round_config
+    from storefed.simulations.evaluation.federated import run_federated
+
+    settings = base_settings("recommender", "federation.num_stores=10", "federation.stores_per_round=10",
+                             "federation.rounds=2", "federation.failure_rate=0.3", "task.epochs=1",
+                             f"run_dir={tmp_path / 'run'}", enabled=False)
+    config = round_config(settings, tmp_path / "run")
+    draws = [injected_failure(config, r, {"partition-id": p}) for r in range(1, 101) for p in range(10)]
+    assert 0.25 < sum(draws) / len(draws) < 0.35
+    assert draws == [injected_failure(config, r, {"partition-id": p}) for r in range(1, 101) for p in range(10)]
+    expected_failed = sum(injected_failure(config, r, {"partition-id": p}) for r in (1, 2) for p in range(10))
+    result = run_federated(settings, tmp_path / "run")
+    assert expected_failed > 0 and result.trained == 20 - expected_failed and result.state

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 
 from storefed.client import client_app
 from storefed.client.distributed_round import distributed_share, prior_share
@@ -99,7 +100,12 @@ def run_federated(settings: RunConfig, run_dir: Path) -> FederatedResult:
                 config = ConfigRecord(payload | {SERVER_ROUND: server_round, PROXIMAL_MU: mu})
                 msg = Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node, message_type="train")
                 context = Context(run_id=1, node_id=node, node_config={"partition-id": int(partition)}, state=RecordDict(), run_config={})
-                reply = client_app.train(msg, context)
+                try:
+                    reply = client_app.train(msg, context)
+                except Exception as exc:  # what Flower's ClientApp turns into an error reply
+                    replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)),
+                                           reply_to=msg))
+                    continue
                 metrics = reply.content["metrics"]
                 if metrics["dp"] and not metrics["refused"]:
                     result.epsilon_by_merchant[f"merchant-{int(partition):03d}"] = float(metrics["epsilon_total"])

@@ -205,6 +205,9 @@ class FederationConfig:
     # the coordinator rejects an update whose L2 distance to the global model exceeds this (null: no bound;
     # not checkable under secure aggregation, where the coordinator sees only the sum)
     max_update_norm: Optional[float] = None
+    # simulation only: each sampled merchant's train call fails with this probability (fault injection;
+    # seeded by run, round and merchant, so a run is reproducible); refused for storefed server
+    failure_rate: float = 0.0
 
     def evaluated_per_round(self) -> int:
         """Merchants that evaluate the global model each round."""

@@ -222,6 +222,10 @@ def _federation(federation: s.FederationConfig, cfg: Any) -> None:
     if not 0 <= federation.evaluated_per_round() <= federation.num_stores:
         _fail("federation.eval_stores_per_round", federation.eval_stores_per_round,
               f"must lie in 0..federation.num_stores={federation.num_stores}")
+    if not (isinstance(federation.failure_rate, (int, float)) and 0 <= federation.failure_rate < 1):
+        _fail("federation.failure_rate", federation.failure_rate, "must lie in [0, 1)")
+    if federation.failure_rate and isinstance(cfg, s.ServerRunConfig):
+        _fail("federation.failure_rate", federation.failure_rate, "is for simulations: real merchants fail on their own")
     if federation.max_update_norm is not None:
         _positive("federation.max_update_norm", federation.max_update_norm)
     if not federation.client_gpus >= 0:
