@@ -60,7 +60,7 @@ BAD = [
     ("simulate", "task.input_dropout=1", "task.input_dropout=1"),
     ("server", "privacy.epsilon=-1", "privacy.epsilon=-1.0 is not allowed"),
     ("server", "federation.failure_rate=0.3", "federation.failure_rate=0.3 is not allowed: is for simulations"),
-    ("simulate", "federation.failure_rate=1", "federation.failure_rate=1 is not allowed: must lie in [0, 1)"),
+    ("simulate", "federation.failure_rate=1", "federation.failure_rate=1.0 is not allowed: must lie in [0, 1)"),
     ("server", "server.control_port=abc", "server.control_port=abc"),
     ("evaluate", f"data.path={__file__} evaluate.epsilons=[abc]", "evaluate.epsilons"),
     ("evaluate", f"data.path={__file__} evaluate.rounds=0", "evaluate.rounds=0 is not allowed"),
