@@ -231,9 +231,6 @@ class RecommenderTaskBase:
     def shared_keys(self, model: nn.Module) -> list[str]:
         return list(model.state_dict().keys())
 
-    def train_dataset(self, data: MerchantData) -> Dataset:
-        return CustomerDataset(self.split(data)[0], self.max_history)
-
     def prior_vectors(self, data: MerchantData) -> np.ndarray:
         """One row per DP unit (the training customers): their distinct items, scaled to L2 norm 1."""
         return popularity_rows(self.train_dataset(data).histories, self.num_items, self.max_history)

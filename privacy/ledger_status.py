@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from storefed.privacy.accounting import check_accountant
-from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, RoundRecord, ledger_stem, open_ledger
+from storefed.privacy.ledger import LEDGER_SCHEMA, LedgerError, ledger_stem, open_ledger
 
 LEDGER_GLOB = "*.ledger.json"
 
@@ -38,7 +38,7 @@ def _row(path: Path) -> dict:
         payload = json.loads(path.read_text(encoding="utf-8"))
         if payload.get("schema") not in (1, LEDGER_SCHEMA):
             raise ValueError(f"schema {payload.get('schema')!r}, this StoreFed reads schemas 1 and {LEDGER_SCHEMA}")
-        rounds = [RoundRecord(**r) for r in payload["rounds"]]
+        payload["rounds"]  # a ledger without rounds is unreadable, named as such
         merchant_id, task, unit = str(payload["merchant_id"]), str(payload["task"]), str(payload["unit"])
         delta, budget = float(payload["delta"]), float(payload["epsilon_budget"])
         accountant = check_accountant(payload["accountant"])
@@ -53,7 +53,8 @@ def _row(path: Path) -> dict:
         raise LedgerError(f"privacy ledger {path} holds merchant {merchant_id!r} task {task!r}: its file name does "
                           "not match (a ledger copied or renamed by hand); restore it under its own name")
     # the integrity checks (MAC, every round valid, merchant id) as a merchant's round runs them
-    spent = open_ledger(path.parent, merchant_id, task, unit, delta, accountant, budget).epsilon_spent
+    ledger = open_ledger(path.parent, merchant_id, task, unit, delta, accountant, budget)
+    rounds, spent = ledger.rounds, ledger.epsilon_spent
     return {
         "file": str(path),
         "merchant_id": merchant_id,

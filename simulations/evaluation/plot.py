@@ -80,6 +80,7 @@ def dp_ratio_by_customers(path: Path, task: str, rows: list[dict], delta: float,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     metric = PRIMARY[task]
     ratios = dp_ratios(rows, metric, private, reference)
     if not ratios:
