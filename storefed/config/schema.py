@@ -24,7 +24,7 @@ class RecommenderConfig:
     the ``candidate_items`` most popular items (each customer's row of norm 1), released through
     secure aggregation (privacy.mode=distributed, or exact without noise under privacy=none)."""
 
-    name: str = "recommender"
+    name: str = "recommender"  # the option's name: set by task=recommender, not to be overridden
     model: str = "history"  # history | item_item
     # history: next_item (one random cut of the history per step) | multinomial (the whole history per step)
     objective: str = "next_item"
@@ -35,20 +35,23 @@ class RecommenderConfig:
     candidate_items: Optional[int] = None  # items the co-occurrence covers (0 = all); null: all without DP, 50 DP
     ease_lambda: Optional[float] = None  # L2 penalty / mean co-occurrence diagonal; null: 100 without DP, 3 under DP
     popularity_weight: Optional[float] = None  # weight of popularity / max popularity; null: 0 without DP, 0.1 DP
-    embedding_dim: int = 32
+    embedding_dim: int = 32  # history: size of the item (and category) embeddings
     max_history: int = 50  # a customer's history is capped to their most recent items
-    top_k: int = 10
+    top_k: int = 10  # K of the full-ranking metrics hr@K and ndcg@K
     sampled_candidates: int = 100  # secondary, labelled sampled-100 protocol
     epochs: int = 10  # local epochs per round
     batch_size: int = 256  # expected Poisson batch size
-    lr: float = 0.03
+    lr: float = 0.03  # learning rate of local training
     optimizer: str = "adam"  # adam | sgd
     # privacy.mode=distributed: before training, one DP release of item popularity through the same
     # integer path (each customer's distinct items, L2 norm 1) initialises the output bias
     popularity_prior: bool = False
-    prior_noise_multiplier: Optional[float] = None  # noise std / per-customer L2 bound; null: planned so the
-    prior_budget_fraction: Optional[float] = None  #   release costs this fraction of privacy.epsilon (alone);
-    #   null: 0.15 (history), 0.7 (item_item: about equal noise on its two releases)
+    # noise std / per-customer L2 bound of that release; null: planned so that the release costs
+    # task.prior_budget_fraction of privacy.epsilon (alone)
+    prior_noise_multiplier: Optional[float] = None
+    # the share of privacy.epsilon that release costs; null: 0.15 (history), 0.7 (item_item: about equal
+    # noise on its two releases)
+    prior_budget_fraction: Optional[float] = None
 
     def resolved(self, private: bool) -> "RecommenderConfig":
         """This config with every null item_item setting replaced by the validated default for the
@@ -73,7 +76,7 @@ ITEM_ITEM_EXACT_DEFAULTS = {"candidate_items": 0, "ease_lambda": 100.0, "popular
 class ReviewConfig:
     """Review sentiment classifier (transformers BERT). DP unit: one review, or one reviewer."""
 
-    name: str = "review"
+    name: str = "review"  # the option's name: set by task=review, not to be overridden
     labels: str = "polarity"  # polarity (1-2 neg, 4-5 pos, 3 dropped) | three_class
     # frozen: pretrained encoder, features cached per merchant, DP-trained linear head (federated: the head);
     # lora: the same encoder with LoRA adapters; scratch: a small BERT on a hashing tokenizer
@@ -85,23 +88,24 @@ class ReviewConfig:
     holdout: str = "test"  # test | validation: score on a validation split carved from the training reviews
     validation_fraction: float = 0.2  # holdout=validation: share of each merchant's training reviews
     vocab_size: int = 4096  # scratch: hashing tokenizer buckets (learns nothing from merchant data)
-    hidden_size: int = 32
-    num_layers: int = 1
-    num_heads: int = 2
-    intermediate_size: int = 64
-    initializer_range: float = 0.02
+    hidden_size: int = 32  # scratch: BERT hidden size (a multiple of num_heads)
+    num_layers: int = 1  # scratch: transformer layers
+    num_heads: int = 2  # scratch: attention heads per layer
+    intermediate_size: int = 64  # scratch: feed-forward size of each layer
+    initializer_range: float = 0.02  # scratch: std of the random weight initialisation
     class_weights: Optional[List[float]] = None  # fixed loss weight per class, never from data
-    test_fraction: float = 0.2
+    test_fraction: float = 0.2  # share of each merchant's reviews held out for testing (none below 5)
     max_reviews_per_user: int = 4  # privacy.unit=user: a reviewer's most recent reviews in one unit
     pooling: str = "mean"  # scratch and lora: mean | cls
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = 8  # lora: rank of the adapters
+    lora_alpha: int = 16  # lora: adapter scaling alpha
+    # lora: names of the encoder modules that get adapters
     lora_targets: List[str] = field(default_factory=lambda: ["query", "value"])
     # frozen head, chosen on the validation split (docs/results.md, runs of simulations/evaluation/search.py)
-    epochs: int = 12
+    epochs: int = 12  # local epochs per round
     batch_size: int = 2048  # expected Poisson batch: a typical merchant's reviews all at once (full-batch DP-GD)
-    lr: float = 0.1
-    optimizer: str = "adam"
+    lr: float = 0.1  # learning rate of local training
+    optimizer: str = "adam"  # adam | sgd
 
 
 TaskConfig = RecommenderConfig | ReviewConfig
@@ -117,7 +121,7 @@ def resolved_task(task: Any, private: bool) -> Any:
 class PrivacyConfig:
     """Record-level DP at every merchant (Opacus, Poisson sampling), plus coordinator-side options."""
 
-    enabled: bool = True
+    enabled: bool = True  # record-level DP at the merchants; false (privacy=none): no DP guarantee at all
     epsilon: float = 8.0  # each merchant's total budget per task, across all rounds and runs
     person_epsilon: Optional[float] = None  # per-customer budget across all tasks (null: reported, not enforced)
     delta: float = 1e-5  # must be below 1/(DP units at the merchant)
@@ -137,57 +141,57 @@ class PrivacyConfig:
     rounding_overhead: float = 0.01  # distributed: sensitivity inflation allowed for integer rounding
     # Client-level central DP (Flower's DP strategy wrappers): unit = one merchant's whole update.
     central: str = "none"  # none | fixed | adaptive
-    central_noise_multiplier: float = 1.0
-    central_clipping_norm: float = 1.0
-    central_target_quantile: float = 0.5
-    central_clip_norm_lr: float = 0.2
-    central_epsilon: float = 30.0
-    central_delta: float = 1e-5
+    central_noise_multiplier: float = 1.0  # central: noise std / clipping norm of each round's release
+    central_clipping_norm: float = 1.0  # central: L2 bound on each merchant's update (adaptive: the initial one)
+    central_target_quantile: float = 0.5  # adaptive: the quantile of update norms the bound tracks
+    central_clip_norm_lr: float = 0.2  # adaptive: learning rate of the bound's geometric update
+    central_epsilon: float = 30.0  # central: client-level budget; the run stops before exceeding it
+    central_delta: float = 1e-5  # central: client-level delta, below 1/federation.num_stores
     # Secure aggregation (Flower SecAgg+): the coordinator sees only the sum of updates.
     secure_aggregation: bool = False
-    secagg_num_shares: int = 3
-    secagg_reconstruction_threshold: int = 2
-    secagg_clipping_range: float = 8.0
-    secagg_quantization_range: int = 4194304
-    secagg_max_weight: float = 1000.0
-    secagg_timeout_s: Optional[float] = None
+    secagg_num_shares: int = 3  # shares each merchant's secret key is split into (>= 3)
+    secagg_reconstruction_threshold: int = 2  # shares needed to unmask a merchant that dropped out
+    secagg_clipping_range: float = 8.0  # update values are clipped to +-this before quantization
+    secagg_quantization_range: int = 4194304  # integer levels per value; x stores_per_round below 2**32
+    secagg_max_weight: float = 1000.0  # cap on a merchant's weight (its num-examples)
+    secagg_timeout_s: Optional[float] = None  # seconds to wait for each stage's replies (null: no limit)
 
 
 # --- strategy -------------------------------------------------------------------------------------
 @dataclass
 class FedAvgConfig:
-    name: str = "fedavg"
+    name: str = "fedavg"  # the option's name: set by strategy=fedavg, not to be overridden
 
 
 @dataclass
 class FedAdamConfig:
-    name: str = "fedadam"
-    eta: float = 0.01
-    eta_l: float = 0.01
-    beta_1: float = 0.9
-    beta_2: float = 0.99
-    tau: float = 0.001
+    name: str = "fedadam"  # the option's name: set by strategy=fedadam, not to be overridden
+    eta: float = 0.01  # server-side learning rate
+    eta_l: float = 0.01  # Flower's client-side learning rate: only logged (merchants use task.lr)
+    beta_1: float = 0.9  # first-moment (momentum) decay
+    beta_2: float = 0.99  # second-moment decay
+    tau: float = 0.001  # added to the root of the second moment (degree of adaptivity)
 
 
 @dataclass
 class FedProxConfig:
-    name: str = "fedprox"
-    proximal_mu: float = 0.1
+    name: str = "fedprox"  # the option's name: set by strategy=fedprox, not to be overridden
+    proximal_mu: float = 0.1  # weight of the proximal term pulling local training towards the global model
 
 
 @dataclass
 class FedMedianConfig:
     """Coordinate-wise median of the updates (Flower's FedMedian): robust to a minority of outliers."""
 
-    name: str = "fedmedian"
+    name: str = "fedmedian"  # the option's name: set by strategy=fedmedian, not to be overridden
 
 
 @dataclass
 class FedTrimmedAvgConfig:
     """Coordinate-wise mean after dropping the ``beta`` share of largest and smallest values (Flower)."""
 
-    name: str = "fedtrimmedavg"
-    beta: float = 0.2
+    name: str = "fedtrimmedavg"  # the option's name: set by strategy=fedtrimmedavg, not to be overridden
+    beta: float = 0.2  # share trimmed at each end, in [0, 0.5)
 
 
 StrategyConfig = FedAvgConfig | FedAdamConfig | FedProxConfig | FedMedianConfig | FedTrimmedAvgConfig
@@ -197,9 +201,9 @@ StrategyConfig = FedAvgConfig | FedAdamConfig | FedProxConfig | FedMedianConfig 
 @dataclass
 class FederationConfig:
     num_stores: int = 100  # merchants (virtual stores in simulation; connected merchants in deployment)
-    stores_per_round: int = 10
+    stores_per_round: int = 10  # merchants sampled to train in each round
     eval_stores_per_round: Optional[int] = None  # null = stores_per_round
-    rounds: int = 5
+    rounds: int = 5  # federated rounds
     client_cpus: int = 1  # per virtual client; 1 is best on small machines
     client_gpus: float = 0.0  # fraction of a GPU per virtual client
     # the coordinator rejects an update whose L2 distance to the global model exceeds this (null: no bound;
@@ -219,25 +223,26 @@ class FederationConfig:
 class GeneratorConfig:
     """Virtual stores (storefed.data.virtual_stores), generated on demand, deterministic per seed."""
 
-    num_items: int = 1000
-    num_categories: int = 20
-    latent_dim: int = 16
-    popularity_exponent: float = 0.8
-    taste_strength: float = 6.0
-    mean_customers: float = 150.0
-    sigma_customers: float = 0.7
-    min_customers: int = 12
-    max_customers: int = 2000
-    category_alpha: float = 0.5
-    mean_interactions: float = 10.0
-    review_probability: float = 0.2
-    review_noise: float = 0.1
-    start_time: int = 1_600_000_000
+    num_items: int = 1000  # catalog size, shared by every store
+    num_categories: int = 20  # item categories; each customer's taste lies near one of them
+    latent_dim: int = 16  # dimension of the latent item and taste vectors
+    popularity_exponent: float = 0.8  # log popularity = -exponent * log(popularity rank)
+    taste_strength: float = 6.0  # weight of taste affinity against log popularity in choices
+    mean_customers: float = 150.0  # customers per store: log-normal with this median
+    sigma_customers: float = 0.7  # log-normal sigma of customers per store
+    min_customers: int = 12  # customers per store are clipped to at least this
+    max_customers: int = 2000  # customers per store are clipped to at most this
+    category_alpha: float = 0.5  # Dirichlet concentration of a store's category mix
+    mean_interactions: float = 10.0  # mean items per customer (2 + Poisson)
+    review_probability: float = 0.2  # chance that an interaction gets a review
+    review_noise: float = 0.1  # chance that a review's words carry the opposite sentiment
+    start_time: int = 1_600_000_000  # Unix time of the first interactions (a year follows)
 
 
 @dataclass
 class VirtualDataConfig:
-    source: str = "virtual"
+    source: str = "virtual"  # the option's name: set by data=virtual, not to be overridden
+    # the virtual-store generator (seeded by the run's seed)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
@@ -246,8 +251,8 @@ class ImportedDataConfig:
     """A public data set (Amazon JSON lines, MovieLens u.data) partitioned by customer into merchants."""
 
     source: str = "amazon"  # amazon | movielens
-    path: str = MISSING
-    num_merchants: int = 10
+    path: str = MISSING  # the data set file (Amazon JSON lines, plain or gzip; MovieLens u.data)
+    num_merchants: int = 10  # merchants the customers are split into
     partition: str = "iid"  # iid | dirichlet
     alpha: float = 0.3  # dirichlet concentration
     label: str = "category"  # dirichlet label: category | item
@@ -257,8 +262,8 @@ class ImportedDataConfig:
 class FilesDataConfig:
     """Deployment: merchants read their own directories; the coordinator publishes this catalog."""
 
-    source: str = "files"
-    catalog: str = "catalog.csv"
+    source: str = "files"  # the option's name: set by data=files, not to be overridden
+    catalog: str = "catalog.csv"  # the shared catalog CSV the coordinator publishes
 
 
 DataConfig = VirtualDataConfig | ImportedDataConfig | FilesDataConfig
@@ -271,10 +276,10 @@ class ServerConfig:
     authorized_dir: str = "certs/merchants"  # every *.pub here is registered as an authorized merchant
     fleet_address: str = "0.0.0.0:9092"  # public: merchants connect here (gRPC + TLS)
     control_host: str = "127.0.0.1"  # control API + ServerApp runtime: never public
-    control_port: int = 9093
+    control_port: int = 9093  # control API port on control_host
     insecure: bool = False  # true = no TLS, no node auth (local debugging only)
-    start_timeout_s: float = 60.0
-    run_timeout_s: float = 3600.0
+    start_timeout_s: float = 60.0  # seconds to wait for the SuperLink's ports to open
+    run_timeout_s: float = 3600.0  # seconds the federated run may take before the server gives up
 
 
 # --- root configs, one per command ----------------------------------------------------------------
@@ -288,11 +293,11 @@ class RunConfig:
 
     defaults: List[Any] = field(default_factory=lambda: _defaults(
         task="recommender", privacy="dp", strategy="fedavg", federation="local", data="virtual"))
-    task: Any = MISSING
-    privacy: PrivacyConfig = MISSING
-    strategy: Any = MISSING
-    federation: FederationConfig = MISSING
-    data: Any = MISSING
+    task: Any = MISSING  # what is learned: task=recommender | review
+    privacy: PrivacyConfig = MISSING  # record-level DP at the merchants: privacy=dp | none
+    strategy: Any = MISSING  # how the coordinator aggregates the updates
+    federation: FederationConfig = MISSING  # merchants, rounds and sampling
+    data: Any = MISSING  # where the merchants' data comes from
     seed: int = 0  # model initialisation and virtual stores (never DP noise or sampling)
     device: str = "auto"  # auto | cpu | cuda[:N]
     run_dir: Optional[str] = None  # default: ./runs/<time>-<task>
@@ -304,20 +309,23 @@ class ServerRunConfig(RunConfig):
 
     defaults: List[Any] = field(default_factory=lambda: _defaults(
         task="recommender", privacy="dp", strategy="fedavg", federation="deployment", data="files"))
+    # the coordinator's SuperLink: addresses, TLS material, timeouts
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
 @dataclass
 class EvaluateSettings:
+    # one grid cell per merchant count K (sets federation.num_stores and data.num_merchants)
     num_merchants: List[int] = field(default_factory=lambda: [10, 50])
+    # one cell per scheme: iid | dirichlet (data=virtual: generated stores)
     partitions: List[str] = field(default_factory=lambda: ["iid", "dirichlet"])
-    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])
-    epsilons: List[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])
+    seeds: List[int] = field(default_factory=lambda: [0, 1, 2])  # one cell per seed (sets seed)
+    epsilons: List[float] = field(default_factory=lambda: [1.0, 3.0, 8.0])  # privacy.epsilon of each run of a DP method
     methods: Optional[List[str]] = None  # null = every method of the task
-    rounds: int = 2
+    rounds: int = 2  # federated rounds per cell (sets federation.rounds)
     stores_per_round: Optional[int] = None  # null = every merchant in every round
-    threads: int = 1
-    tfidf_max_features: int = 20000
+    threads: int = 1  # torch threads while the grid runs
+    tfidf_max_features: int = 20000  # task=review: vocabulary of the tfidf_logreg baseline
 
 
 @dataclass
@@ -326,6 +334,7 @@ class EvaluateConfig(RunConfig):
 
     defaults: List[Any] = field(default_factory=lambda: _defaults(
         task="recommender", privacy="dp", strategy="fedavg", federation="local", data="amazon"))
+    # the grid: merchant counts x partitions x seeds, methods, epsilons
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
 
 
@@ -333,12 +342,12 @@ class EvaluateConfig(RunConfig):
 class AuditSettings:
     stores: int = 4  # virtual stores whose customers are the merchant's real DP units
     canaries: int = 1000  # m: canary customers, each included with probability 1/2
-    canary_length: int = 5
+    canary_length: int = 5  # distinct items in each canary's random history
     guesses: Optional[List[int]] = None  # null = 5%, 10%, 20%, 50%, 100% of the canaries
-    confidence: float = 0.95
+    confidence: float = 0.95  # confidence of the empirical lower bound on epsilon
     delta: Optional[float] = None  # null = privacy.delta (1e-5 under privacy=none)
     epochs: Optional[int] = None  # null = task.epochs
-    seed: int = 0
+    seed: int = 0  # the canaries' histories and inclusion coins
 
 
 @dataclass
@@ -346,13 +355,13 @@ class AuditConfig:
     """`storefed audit`: one-run canary audit of a merchant's local DP-SGD."""
 
     defaults: List[Any] = field(default_factory=lambda: _defaults(task="recommender", privacy="dp", data="virtual"))
-    task: Any = MISSING
-    privacy: PrivacyConfig = MISSING
-    data: Any = MISSING
-    seed: int = 0
-    device: str = "auto"
+    task: Any = MISSING  # must be task=recommender (canaries are customers)
+    privacy: PrivacyConfig = MISSING  # the audited DP-SGD settings (privacy=none: a non-private reference)
+    data: Any = MISSING  # must be data=virtual
+    seed: int = 0  # model initialisation and virtual stores
+    device: str = "auto"  # auto | cpu | cuda[:N]
     run_dir: Optional[str] = None  # default: ./runs/<time>-audit-<dp|none>
-    audit: AuditSettings = field(default_factory=AuditSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)  # the canary audit
 
 
 @dataclass
@@ -362,34 +371,34 @@ class MerchantConfig:
     data_dir: str = MISSING  # the merchant's data directory (schema v1)
     catalog: Optional[str] = None  # default: <data_dir>/catalog.csv
     ledger_dir: str = "ledger"  # the privacy ledger: keep it, back it up, never delete it
-    superlink: str = "127.0.0.1:9092"
-    ca_cert: Optional[str] = "certs/ca.crt"
+    superlink: str = "127.0.0.1:9092"  # the coordinator's fleet address, host:port
+    ca_cert: Optional[str] = "certs/ca.crt"  # the coordinator's CA certificate (TLS trust)
     private_key: Optional[str] = None  # this merchant's node key (certs/merchants/<name>)
     port: int = 9094  # local ClientApp runtime port (one per merchant on a host)
-    insecure: bool = False
+    insecure: bool = False  # true = no TLS, no node key (local debugging only)
     epsilon_budget: Optional[float] = None  # the merchant's own budget per task
-    delta: Optional[float] = None
-    max_wait_time_s: Optional[float] = None
+    delta: Optional[float] = None  # the merchant's own delta (overrides privacy.delta)
+    max_wait_time_s: Optional[float] = None  # stop retrying a failed connection after this (null: never)
 
 
 @dataclass
 class MerchantStatusConfig:
     """`storefed merchant status`: what a merchant's ledger holds."""
 
-    ledger_dir: str = "ledger"
+    ledger_dir: str = "ledger"  # the merchant's privacy ledger directory
 
 
 @dataclass
 class CertsConfig:
     """`storefed certs`: TLS material for the coordinator and node keys for merchants."""
 
-    out_dir: str = "certs"
-    merchants: List[str] = field(default_factory=list)
-    dns: List[str] = field(default_factory=lambda: ["localhost"])
-    ips: List[str] = field(default_factory=lambda: ["127.0.0.1"])
-    days: int = 365
-    organization: str = "StoreFed"
-    force: bool = False
+    out_dir: str = "certs"  # where ca.*, server.* and merchants/ are written
+    merchants: List[str] = field(default_factory=list)  # one node key pair per name: merchants/<name>(.pub)
+    dns: List[str] = field(default_factory=lambda: ["localhost"])  # DNS names in the coordinator's TLS certificate
+    ips: List[str] = field(default_factory=lambda: ["127.0.0.1"])  # IP addresses in the coordinator's TLS certificate
+    days: int = 365  # validity of the CA and server certificates
+    organization: str = "StoreFed"  # organization name in the certificates
+    force: bool = False  # true = replace existing material in out_dir
 
 
 @dataclass
@@ -397,6 +406,6 @@ class ImportConfig:
     """`storefed import`: a public data set (or virtual stores) -> merchant directories."""
 
     defaults: List[Any] = field(default_factory=lambda: _defaults(data="amazon"))
-    data: Any = MISSING
-    seed: int = 0
+    data: Any = MISSING  # the data set: data=amazon | movielens
+    seed: int = 0  # the split of customers into merchants
     out_dir: str = MISSING  # a new directory: one merchant directory each + catalog.csv
