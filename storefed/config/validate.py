@@ -1,12 +1,15 @@
 """Range checks of a composed configuration: one line naming key, value and the allowed range.
 
 Types are enforced by OmegaConf against the dataclasses (``task.lr=abc`` fails there); this module
-checks what types cannot say: epsilon finite and > 0, delta in (0, 1), counts >= 1, choices.
+checks what types cannot say: epsilon finite and > 0, delta in (0, 1), counts >= 1, choices. It also
+re-checks types (and refuses NaN) for a config built without OmegaConf, e.g. by serialize.from_dict.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +64,8 @@ def noise_multiplier_value(text: str) -> float | None:
 
 def validate(cfg: Any) -> None:
     """Check every section present in ``cfg`` (a root config of storefed.config.schema)."""
+    if is_dataclass(cfg):
+        _types(cfg)
     checks = {
         "task": _task, "privacy": _privacy, "federation": _federation, "data": _data,
         "strategy": _strategy, "evaluate": _evaluate, "audit": _audit,
@@ -76,6 +81,53 @@ def validate(cfg: Any) -> None:
         _merchant(cfg)
     if isinstance(cfg, s.CertsConfig):
         _at_least("days", cfg.days, 1)
+
+
+def _types(node: Any, prefix: str = "") -> None:
+    """Every value has its field's type and no number is NaN (every range check is false for NaN).
+
+    OmegaConf enforces types on the command line; a hand-edited file (serialize.from_dict) is not, so a
+    wrong type would otherwise surface as a TypeError or AttributeError from a range check below."""
+    hints = typing.get_type_hints(type(node))
+    for f in fields(node):
+        key, value, hint = f"{prefix}{f.name}", getattr(node, f.name), hints[f.name]
+        if f.name == "defaults":
+            continue
+        if is_dataclass(value) and not isinstance(value, type):
+            _types(value, f"{key}.")
+        elif hint is Any or is_dataclass(hint):
+            _fail(key, value, "must be a section (key: value pairs)")
+        elif not _fits(value, hint):
+            _fail(key, value, f"must be {_type_name(hint)}")
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a float (not NaN)", str: "a string",
+               type(None): "null"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return not math.isnan(float(value))
+        except OverflowError:  # an integer beyond any float
+            return False
+    if hint in (int, str, bool, type(None)):
+        return isinstance(value, hint) and (hint is bool or not isinstance(value, bool))
+    return hint is Any
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is list:
+        return f"a list (each {_type_name(args[0])})" if args else "a list"
+    return _TYPE_NAMES.get(hint, "a value")
 
 
 def _device(device: str) -> None:

@@ -23,10 +23,11 @@ def convert_to_merchant_dirs(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output directory {out} is not empty: choose a new out_dir")
+    # every merchant first, so that a bad input file is refused before anything is written
+    loaded = [load_simulated(data_cfg, seed, partition) for partition in range(data_cfg.num_merchants)]
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for partition in range(data_cfg.num_merchants):
-        catalog, merchant = load_simulated(data_cfg, seed, partition)
+    for partition, (catalog, merchant) in enumerate(loaded):
         if partition == 0:
             write_catalog(catalog, out / "catalog.csv")
         write_merchant_dir(merchant, catalog, out / merchant.merchant_id, reviews_format=reviews_format)

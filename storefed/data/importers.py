@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from storefed.data.merchant_files import MAX_TIMESTAMP
+from storefed.data.merchant_files import MAX_TEXT_CHARS, MAX_TIMESTAMP, _show
 from storefed.data.partition import partition_users
 from storefed.data.schema import Catalog, Interactions, MerchantData, Reviews, empty_reviews
 
@@ -64,7 +65,7 @@ def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
                     yield lineno, raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise ValueError(f"{path}: line {lineno}: not valid UTF-8 ({e})") from None
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupt compressed data
             raise ValueError(f"{path}: unreadable after line {lineno}: {e}") from None
 
 
@@ -74,10 +75,10 @@ def _rating(value: object, path: Path, lineno: int, field: str) -> int:
     if not isinstance(value, bool):
         try:
             number = float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond any float
             pass
     if number is None or not number.is_integer() or not 1 <= number <= 5:
-        raise _bad(path, lineno, field, f"expected an integer rating 1..5, got {value!r}")
+        raise _bad(path, lineno, field, f"expected an integer rating 1..5, got {_show(value)}")
     return int(number)
 
 
@@ -90,7 +91,7 @@ def _integer(value: object, path: Path, lineno: int, field: str) -> int:
             return int(value)
         except ValueError:
             pass
-    raise _bad(path, lineno, field, f"expected an integer, got {value!r}")
+    raise _bad(path, lineno, field, f"expected an integer, got {_show(value)}")
 
 
 def _timestamp(value: object, path: Path, lineno: int, field: str) -> int:
@@ -102,13 +103,27 @@ def _timestamp(value: object, path: Path, lineno: int, field: str) -> int:
 
 
 def _string(record: dict, key: str, path: Path, lineno: int, required: bool = True) -> str:
+    """A string field; a required one is an id, stripped and non-empty as a merchant directory reads it."""
     value = record.get(key)
     if value is None and not required:
         return ""
-    if not isinstance(value, str) or (required and not value):
-        problem = "missing" if value is None else f"expected a non-empty string, got {value!r}"
+    if not isinstance(value, str) or (required and not value.strip()):
+        problem = "missing" if value is None else f"expected a non-empty string, got {_show(value)}"
         raise _bad(path, lineno, key, problem)
-    return value
+    _writable(value, path, lineno, key)
+    return value.strip() if required else value
+
+
+def _writable(value: str, path: Path, lineno: int, field: str) -> None:
+    """Refuse a string a merchant directory could not hold: not UTF-8-encodable, or over the CSV field limit."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise _bad(path, lineno, field, f"expected at most {MAX_TEXT_CHARS} characters (as a merchant directory "
+                   f"reads them), got {len(value)}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(path, lineno, field, "not valid Unicode (an unpaired surrogate escape such as \\ud800)") from None
 
 
 def _category(record: dict) -> str | None:
@@ -165,6 +180,8 @@ def read_amazon_reviews(path: str | Path) -> tuple[Catalog, RawTable]:
             raise ValueError(f"{path}: line {lineno}: invalid JSON ({e})") from None
         except RecursionError:
             raise ValueError(f"{path}: line {lineno}: JSON nested too deeply (expected one flat review object)") from None
+        except ValueError:  # an integer literal beyond Python's int_max_str_digits (4300)
+            raise ValueError(f"{path}: line {lineno}: invalid JSON (a number with too many digits)") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}: line {lineno}: expected a JSON object")
         users.append(_string(record, "reviewerID", path, lineno))
@@ -177,6 +194,7 @@ def read_amazon_reviews(path: str | Path) -> tuple[Catalog, RawTable]:
         texts.append(_string(record, "reviewText", path, lineno, required=False))
         category = _category(record)
         if category is not None:
+            _writable(category, path, lineno, "category" if "category" in record else "categories")
             categories.setdefault(asin, category)
     if not users:
         raise ValueError(f"{path}: no reviews found")

@@ -77,7 +77,7 @@ class MerchantDataError(ValueError):
         if line is not None:
             where += f" line {line}"
         if field is not None:
-            where += f", field '{field}'"
+            where += f", field {_show(field)}"  # repr, shortened: any key stays one short line
         super().__init__(f"{where}: {reason}")
 
 
@@ -185,6 +185,8 @@ def _jsonl_records(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int,
         except RecursionError:
             raise MerchantDataError(path, "JSON nested too deeply; expected one flat object per line",
                                     line=line) from None
+        except ValueError:  # an integer literal beyond Python's int_max_str_digits (4300)
+            raise MerchantDataError(path, "not valid JSON (a number with too many digits)", line=line) from None
         if not isinstance(obj, dict):
             raise MerchantDataError(
                 path, f"expected a JSON object with keys {', '.join(required)}", line=line
@@ -217,8 +219,8 @@ def _parse_id(value: Any) -> str:
 def _parse_int(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
-        return int(value.strip())
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()) and len(value.strip()) <= 4000:
+        return int(value.strip())  # (longer: far out of range, and int() refuses over 4300 digits)
     raise TypeError
 
 
