@@ -15,9 +15,13 @@ import hashlib
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from storefed.client.secure_train import secure_aggregation_router
-from storefed.client.training_round import TrainOutcome, load_round, train_round
-from storefed.wire import ARRAYS, CONFIG, METRICS, PRIVACY, PROXIMAL_MU, SERVER_ROUND, RoundConfig
+from storefed.console import setup_console
+
+setup_console()  # every ClientApp process (Ray actors, flwr-clientapp): one handler, benign warnings off
+
+from storefed.client.secure_train import secure_aggregation_router  # noqa: E402
+from storefed.client.training_round import TrainOutcome, load_round, train_round  # noqa: E402
+from storefed.wire import ARRAYS, CONFIG, METRICS, PRIVACY, PROXIMAL_MU, SERVER_ROUND, RoundConfig  # noqa: E402
 
 app = ClientApp()
 

@@ -38,7 +38,7 @@ from storefed.client.training_round import train_round
 from storefed.privacy.skellam import noise_bound
 from storefed.wire import NUM_EXAMPLES, PROXIMAL_MU, RELEASE_KEY, SERVER_ROUND, SHARED_KEYS, RoundConfig
 
-log = logging.getLogger("flwr")
+log = logging.getLogger("storefed.merchant")  # storefed/console.py: shown at a merchant agent, quiet in simulation
 
 
 def is_secure_aggregation_message(msg: Message) -> bool:

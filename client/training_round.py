@@ -32,7 +32,7 @@ from storefed.privacy.ledger import PrivacyLedger, local_record, open_ledger
 from storefed.privacy.person_budget import person_refusal
 from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, MerchantPrivacy, RoundConfig
 
-log = logging.getLogger("flwr")  # Flower configures its handlers: lines reach the merchant console
+log = logging.getLogger("storefed.merchant")  # storefed/console.py: shown at a merchant agent, quiet in simulation
 
 
 @dataclass

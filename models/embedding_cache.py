@@ -22,7 +22,7 @@ import numpy as np
 from storefed.atomic_files import atomic_write_bytes
 from storefed.models.text_encoder import TextEncoder
 
-log = logging.getLogger("flwr")  # the merchant console; debug level: the demo console stays as it was (issue 13)
+log = logging.getLogger("storefed.merchant")  # storefed/console.py: shown at a merchant agent, quiet in simulation
 _MEMORY: dict[tuple[str, str], np.ndarray] = {}
 MEMORY_LIMIT = 500_000  # texts kept in the per-process cache (about 0.8 GB at 384 float32 dims)
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from storefed.models.review import ReviewTask, ReviewTaskBase
+from storefed.models.text_encoder import quiet_transformers
 
 EXPORT_DIR = "review_model"
 
@@ -75,16 +76,18 @@ def export_review_model(task: ReviewTaskBase, state: dict[str, torch.Tensor], ta
     """Write ``target`` (a pipeline-loadable folder) atomically; returns it."""
     from transformers import AutoTokenizer
 
-    model = sequence_classifier(task, state)
-    source = getattr(task, "encoder_dir", None) or task.pretrained_dir
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    with quiet_transformers():  # no load report (the pooler is dropped on purpose) and no progress bars
+        model = sequence_classifier(task, state)
+        source = getattr(task, "encoder_dir", None) or task.pretrained_dir
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     tokenizer.model_max_length = task.cfg.max_length  # the limit the head was trained with
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with quiet_transformers():
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         (staging / "storefed_export.json").write_text(json.dumps({
             "task": "review", "encoder": task.cfg.encoder, "labels": task.scheme,
             "label_names": list(task.label_names), "max_length": task.cfg.max_length,

@@ -75,11 +75,11 @@ def make_private(
     torch.seed()  # Poisson sampling draws from the global RNG: make it unpredictable
     device = next(model.parameters()).device
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")  # on purpose: noise seeded above
         warnings.filterwarnings("ignore", message=".*Optimal order is the .*")
+        engine = PrivacyEngine(accountant="rdp", secure_mode=False)
         wrapped = engine.make_private(
             module=model,
             optimizer=optimizer,

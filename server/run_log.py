@@ -14,15 +14,26 @@ import math
 from pathlib import Path
 
 from storefed.atomic_files import atomic_write_text
+from storefed.server.progress import PlainDisplay, RoundDisplay
 from storefed.server.screening import RoundScreening
+
+
+def epsilon_columns(epsilons: list[float]) -> dict[str, float]:
+    """Max and median epsilon spent so far over the merchants that trained this round."""
+    ordered = sorted(epsilons)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return {"epsilon_total_max": ordered[-1], "epsilon_total_median": median}
 
 
 class RunLog:
     def __init__(self, run_dir: Path, task: str, unit: str, accountant: str, dp: bool, distributed: bool = False,
-                 sampling: str = "Poisson") -> None:
+                 sampling: str = "Poisson", display: RoundDisplay | None = None) -> None:
         """``distributed``: privacy.mode=distributed (population-level epsilon, Skellam RDP accountant);
-        ``sampling``: how units enter a step ("Poisson", or "none (every unit, q = 1)" for one-shot releases)."""
+        ``sampling``: how units enter a step ("Poisson", or "none (every unit, q = 1)" for one-shot releases);
+        ``display``: where rounds and notes are shown (server/progress.py; plain lines by default)."""
         self.run_dir = Path(run_dir)
+        self.display: RoundDisplay = display or PlainDisplay()
         self.task, self.unit, self.dp, self.distributed, self.sampling = task, unit, dp, distributed, sampling
         self.accountant = "skellam-rdp" if distributed else accountant
         self.rows: list[dict] = []
@@ -40,14 +51,21 @@ class RunLog:
         }
         epsilons = [m.content["metrics"]["epsilon_total"] for m in screening.accepted]
         if epsilons and self.dp:
-            row["epsilon_total_max"] = max(epsilons)
+            row.update(epsilon_columns(epsilons))
             row["delta"] = max(m.content["metrics"]["delta"] for m in screening.accepted)
         for msg in screening.accepted:
             self.merchant_epsilon[str(msg.metadata.src_node_id)] = float(msg.content["metrics"]["epsilon_total"])
         for kind in ("refused", "failed", "rejected"):
             for node, reason in getattr(screening, kind).items():
-                print(f"  round {server_round}: merchant node {node} {kind}: {reason}", flush=True)
+                self.note(f"  round {server_round}: merchant node {node} {kind}: {reason}")
         self.pending[server_round] = row
+
+    def start(self, rounds: int) -> None:
+        self.display.start(f"[{self.task}]", rounds, self.task, self.unit if self.dp else "none")
+
+    def note(self, text: str) -> None:
+        """A line worth showing outside the round table (refusals, failures, skipped rounds)."""
+        self.display.note(text)
 
     def on_round_end(self, server_round: int, train: dict | None, evaluate: dict | None) -> None:
         row = self.pending.pop(server_round, {"round": server_round})
@@ -57,7 +75,7 @@ class RunLog:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         self._write_csv()
-        print(self.describe(row), flush=True)
+        self.display.round_finished(row, self.describe(row))
 
     def describe(self, row: dict) -> str:
         parts = [f"[{self.task}] round {row['round']}: {row.get('trained', 0)} trained"]
@@ -76,8 +94,9 @@ class RunLog:
         if not self.dp:
             parts.append("NO RECORD-LEVEL DP AT MERCHANTS (privacy.enabled=false)")
         elif "epsilon_total_max" in row:
+            median = f", median {row['epsilon_total_median']:.3f}" if "epsilon_total_median" in row else ""
             parts.append(
-                f"max merchant epsilon so far {row['epsilon_total_max']:.3f} "
+                f"epsilon spent by this round's merchants: max {row['epsilon_total_max']:.3f}{median} "
                 f"(per {self.unit}, delta={row['delta']:g}, {self.accountant.upper()} accountant, "
                 f"{self.sampling} sampling, {'distributed' if self.distributed else 'local'} mode)"
             )
@@ -111,3 +130,26 @@ class RunLog:
             "epsilon_max": max(finite) if finite else None,
             "epsilon_by_node": self.merchant_epsilon,
         }
+
+
+def summary_lines(summary: dict, run_dir: Path) -> list[str]:
+    """The few lines a command prints when a run ends: outcome, task metric, the privacy guarantee, files."""
+    final, privacy = summary.get("final_eval") or {}, summary.get("privacy") or {}
+    task = summary.get("task", "?")
+    metrics = [f"{key} {final[f'eval_{key}']:.4f}" for key in ("hr@10", "ndcg@10", "local_pop_hr@10", "accuracy",
+                                                                "macro_f1", "local_majority_accuracy")
+               if f"eval_{key}" in final]
+    head = f"[{task}] {summary.get('rounds_completed', 0)}/{summary.get('rounds', '?')} rounds in {summary.get('seconds', '?')} s"
+    if summary.get("stopped_early"):
+        head += f" (stopped early: {summary['stopped_early']})"
+    lines = [head + (": " + ", ".join(metrics) if metrics else "")]
+    if privacy.get("epsilon_max") is not None:
+        lines.append(
+            f"  privacy: epsilon max {privacy['epsilon_max']:.3f} over {privacy.get('merchants_trained', 0)} merchants "
+            f"(per {privacy['unit']}, delta={final.get('delta', 'see ledgers')}, {str(privacy['accountant']).upper()} "
+            f"accountant, {privacy['sampling']} sampling, {privacy['mode']} mode)")
+    lines.append(f"  guarantee: {privacy.get('guarantee', 'unknown')}")
+    if privacy.get("client_level"):
+        lines.append(f"  client-level: {json.dumps(privacy['client_level'], default=str)}")
+    lines.append(f"  run dir: {run_dir}")
+    return lines

@@ -52,7 +52,8 @@ from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
 from storefed.server.checkpoint import save_global_model
 from storefed.server.distributed_secagg import build_distributed_strategy, integer_range
-from storefed.server.run_log import RunLog
+from storefed.server.progress import RoundDisplay
+from storefed.server.run_log import RunLog, epsilon_columns
 from storefed.server.run_setup import RunFailed, prepare_run, write_status
 from storefed.server.strategy import aggregate_train_metrics
 from storefed.wire import SHARED_KEYS
@@ -274,14 +275,14 @@ class SecureRoundLog:
         row = {"round": server_round, "trained": len(trained), "refused": len(refused), "failed": len(failures),
                "rejected": 0, "secure_aggregation": "aggregated"}
         if trained and self.log.dp:
-            row["epsilon_total_max"] = max(float(r.metrics["epsilon_total"]) for _, r in trained)
+            row.update(epsilon_columns([float(r.metrics["epsilon_total"]) for _, r in trained]))
             row["delta"] = max(float(r.metrics["delta"]) for _, r in trained)
         for proxy, res in trained:
             self.log.merchant_epsilon[str(proxy.node_id)] = float(res.metrics["epsilon_total"])
         for node, reason in refused.items():
-            print(f"  round {server_round}: merchant node {node} refused: {reason}", flush=True)
+            self.log.note(f"  round {server_round}: merchant node {node} refused: {reason}")
         for failure in failures:
-            print(f"  round {server_round}: a merchant failed or dropped out: {str(failure)[:300]}", flush=True)
+            self.log.note(f"  round {server_round}: a merchant failed or dropped out: {str(failure)[:300]}")
         self.log.pending[server_round] = row
         self.aggregated.append(server_round)
         metrics = _train_metrics(trained)
@@ -291,7 +292,7 @@ class SecureRoundLog:
     def on_halt(self, server_round: int, reason: str) -> None:
         self.halted[server_round] = reason
         self.log.pending[server_round] = {"round": server_round, "secure_aggregation": f"skipped: {reason}"}
-        print(f"  round {server_round}: SKIPPED, global model unchanged: {reason}", flush=True)
+        self.log.note(f"  round {server_round}: SKIPPED, global model unchanged: {reason}")
         flwr_log(INFO, "StoreFed: round %s skipped: %s", server_round, reason)
 
     def on_round_end(self, server_round: int, evaluate: dict | None) -> None:
@@ -355,12 +356,13 @@ def global_state(context: Context, names: list[str], dtypes: dict[str, torch.dty
     return out
 
 
-def run_secure_federation(grid: Grid, context: Context, settings: RunConfig, run_dir: Path) -> dict:
+def run_secure_federation(grid: Grid, context: Context, settings: RunConfig, run_dir: Path,
+                          display: RoundDisplay | None = None) -> dict:
     """``run_federation`` under SecAgg+: status.json ``running`` -> ``completed`` | ``failed`` (reason)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_status(run_dir, "running")
     try:
-        summary = _run_secure(grid, context, settings, run_dir)
+        summary = _run_secure(grid, context, settings, run_dir, display)
     except BaseException as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
         raise
@@ -368,7 +370,8 @@ def run_secure_federation(grid: Grid, context: Context, settings: RunConfig, run
     return summary
 
 
-def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path) -> dict:
+def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path,
+                display: RoundDisplay | None = None) -> dict:
     setup = prepare_run(settings, run_dir)
     to_clients, catalog, task, state = setup.to_clients, setup.catalog, setup.task, setup.shared
     privacy, federation = to_clients.privacy, settings.federation
@@ -380,9 +383,9 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
     dtypes = {k: state[k].dtype for k in names}
     released = getattr(task, "released", False)
     log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, bool(privacy.enabled), distributed,
-                 "none (every unit, q = 1)" if released else "Poisson")
+                 "none (every unit, q = 1)" if released else "Poisson", display)
     round_log = SecureRoundLog(log)
-    print(f"[{task.name}] {SCREENING_NOTE}", flush=True)
+    log.note(f"[{task.name}] {SCREENING_NOTE}")
     flwr_log(INFO, "StoreFed: %s", SCREENING_NOTE)
 
     round_record = to_clients.to_record()
@@ -404,6 +407,7 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
     )
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)
     started = time.time()
+    log.start(rounds)
     workflow(grid, legacy)
     if not round_log.aggregated:
         last = max(round_log.halted) if round_log.halted else rounds

@@ -25,7 +25,9 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import RunConfig, ServerRunConfig
 from storefed.config.serialize import from_dict
+from storefed.console import setup_console
 from storefed.server.checkpoint import save_global_model
+from storefed.server.progress import ProgressGrid, RoundDisplay, make_display
 from storefed.server.run_log import RunLog
 from storefed.server.run_setup import RunFailed, check_someone_trained, prepare_run, write_status
 from storefed.server.screening import RoundScreening
@@ -33,12 +35,12 @@ from storefed.server.secure_aggregation import run_secure_federation
 from storefed.server.strategy import build_strategy
 
 
-def run_federation(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
+def run_federation(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay | None = None) -> dict:
     """Run all rounds; returns the summary also written to ``summary.json``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_status(run_dir, "running")
     try:
-        summary = _run(grid, settings, run_dir)
+        summary = _run(grid, settings, run_dir, display)
     except BaseException as exc:
         write_status(run_dir, "failed", f"{type(exc).__name__}: {exc}", traceback.format_exc())
         raise
@@ -46,11 +48,11 @@ def run_federation(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
     return summary
 
 
-def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
+def _run(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay | None) -> dict:
     setup = prepare_run(settings, run_dir)
     to_clients, catalog, task, shared = setup.to_clients, setup.catalog, setup.task, setup.shared
     privacy = to_clients.privacy
-    log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, privacy.enabled)
+    log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, privacy.enabled, display=display)
     trained, refusals = 0, []
 
     def on_screened(server_round: int, screening: RoundScreening) -> None:
@@ -68,6 +70,7 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
     config = ConfigRecord(to_clients.to_record())
     rounds = settings.federation.rounds
     started, stopped_early = time.time(), None
+    log.start(rounds)
     try:
         strategy.start(
             grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, train_config=config,
@@ -75,7 +78,7 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
         )
     except PrivacyBudgetExhausted as exc:  # client-level budget: stop cleanly, keep what was released
         stopped_early = f"client-level privacy budget exhausted after {len(log.rows)} rounds: {exc}"
-        print(f"[{task.name}] STOPPED: {stopped_early}", flush=True)
+        log.note(f"[{task.name}] STOPPED: {stopped_early}")
     if stopped_early is None:
         check_someone_trained(rounds, trained, [str(r) for r in refusals])
     latest = strategy.latest_arrays
@@ -98,10 +101,15 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path) -> dict:
 def run_configured(grid: Grid, context: Context, settings: RunConfig, run_dir: Path) -> None:
     """The plain or the SecAgg+ federation (``privacy.secure_aggregation``; always for ``privacy.mode=distributed``)."""
     torch.set_num_threads(1)
-    if settings.privacy.secure_aggregation or settings.privacy.mode == "distributed":
-        run_secure_federation(grid, context, settings, run_dir)
-    else:
-        run_federation(grid, settings, run_dir)
+    display = make_display()
+    grid = ProgressGrid(grid, display.exchange)
+    try:
+        if settings.privacy.secure_aggregation or settings.privacy.mode == "distributed":
+            run_secure_federation(grid, context, settings, run_dir, display)
+        else:
+            run_federation(grid, settings, run_dir, display)
+    finally:
+        display.close()
 
 
 def make_server_app(settings: RunConfig, run_dir: Path) -> ServerApp:
@@ -114,6 +122,8 @@ def make_server_app(settings: RunConfig, run_dir: Path) -> ServerApp:
 
     return server_app
 
+
+setup_console()  # the deployment's flwr-serverapp process: one handler, Flower's INFO lines off unless -v
 
 # Deployment entry point (``flwr run``): the run config names the settings file (written by
 # ``storefed server``, storefed.config.serialize) and the run directory, on the coordinator's disk.

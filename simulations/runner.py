@@ -18,6 +18,7 @@ import yaml
 
 from storefed.config.schema import RunConfig
 from storefed.config.serialize import to_dict
+from storefed.console import setup_console
 from storefed.flower_env import prepare_simulation_environment
 from storefed.server.run_setup import RunFailed
 from storefed.server.server_app import make_server_app
@@ -43,9 +44,13 @@ def simulate(settings: RunConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(settings), sort_keys=False), encoding="utf-8")
     federation = settings.federation
+    setup_console(simulated_merchants=True)  # the run's table speaks for the merchants; -v shows their lines
     backend_config = {
         "client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus},
-        "init_args": {"logging_level": "error", "log_to_driver": True, "include_dashboard": False},
+        # Ray on loopback only (a local simulation exposes nothing), no dashboard; its workers inherit the
+        # environment, so the console settings reach every ClientApp actor
+        "init_args": {"logging_level": "error", "log_to_driver": True, "include_dashboard": False,
+                      "_node_ip_address": "127.0.0.1"},
     }
     print(f"StoreFed simulation: {federation.num_stores} stores, {federation.stores_per_round} per round, "
           f"{federation.rounds} rounds, task={settings.task.name}, run dir {run_dir}", flush=True)

@@ -11,6 +11,7 @@
     storefed evaluate [key=value ...]    privacy-utility evaluation on real data (baselines, local, federated)
     storefed audit [key=value ...]       one-run canary audit: empirical lower bound on epsilon
     storefed classify RUN_DIR TEXT ...   the run's exported review model on texts (label and score)
+    storefed recommend RUN_DIR --history A,B --k 10   top-k catalog items of the run's recommender
 
 Every command composes its configuration (storefed.config) first: a bad key or value exits 2 with
 one line naming it, before anything expensive starts. ``storefed <command> --help`` lists the keys.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from storefed.config import ConfigError, compose
 from storefed.config.compose import describe
+from storefed.console import setup_console
 
 
 def cmd_simulate(overrides: list[str]) -> int:
@@ -38,8 +40,9 @@ def cmd_simulate(overrides: list[str]) -> int:
     except RunFailed as exc:
         print(f"storefed simulate: FAILED: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(summary["privacy"] | {"final_eval": summary["final_eval"]}, indent=2, default=str))
-    print(f"global model: {summary['model']}")
+    from storefed.server.run_log import summary_lines
+
+    print("\n".join(summary_lines(summary, Path(summary["model"]).parent)))
     return 0
 
 
@@ -94,8 +97,9 @@ def cmd_server(overrides: list[str]) -> int:
     except (DeploymentError, KeyboardInterrupt) as exc:
         print(f"storefed server: FAILED: {exc or 'interrupted'}", file=sys.stderr)
         return 1
-    print(json.dumps(summary["privacy"], indent=2, default=str))
-    print(f"global model: {summary['model']}")
+    from storefed.server.run_log import summary_lines
+
+    print("\n".join(summary_lines(summary, run_dir)))
     return 0
 
 
@@ -190,16 +194,24 @@ def _parser() -> argparse.ArgumentParser:
         child = sub.add_parser(name, help=text, description=text, add_help=False,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         child.add_argument("-h", "--help", action="store_true", help="list this command's config keys and exit")
+        child.add_argument("-v", "--verbose", action="store_true",
+                           help="show Flower's own log lines, library warnings and every merchant's round line")
         child.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=review privacy.epsilon=3")
         child.set_defaults(root=root)
     sub.add_parser("classify", help="the run's exported review model on texts: storefed classify RUN_DIR TEXT ...")
+    sub.add_parser("recommend", help="a run's recommender: storefed recommend RUN_DIR --history ITEM,ITEM --k 10")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    setup_console(verbose=True if {"-v", "--verbose"} & set(argv) else None)  # before any library is imported
     if argv[:1] == ["classify"]:  # positional texts, no config keys
         return cmd_classify(argv[1:])
+    if argv[:1] == ["recommend"]:  # a run dir and flags, no config keys
+        from storefed.simulations.recommend import run_recommend_command
+
+        return run_recommend_command(argv[1:])
     args = _parser().parse_args(argv)
     handler, root, text = COMMANDS[args.command]
     if args.help:

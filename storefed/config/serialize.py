@@ -16,7 +16,8 @@ from storefed.config.validate import validate
 
 VARIANTS: dict[str, tuple[str, dict[str, type]]] = {
     "task": ("name", {"recommender": s.RecommenderConfig, "review": s.ReviewConfig}),
-    "strategy": ("name", {"fedavg": s.FedAvgConfig, "fedadam": s.FedAdamConfig, "fedprox": s.FedProxConfig}),
+    "strategy": ("name", {"fedavg": s.FedAvgConfig, "fedadam": s.FedAdamConfig, "fedprox": s.FedProxConfig,
+                          "fedmedian": s.FedMedianConfig, "fedtrimmedavg": s.FedTrimmedAvgConfig}),
     "data": ("source", {"virtual": s.VirtualDataConfig, "files": s.FilesDataConfig,
                         "amazon": s.ImportedDataConfig, "movielens": s.ImportedDataConfig}),
 }
@@ -47,7 +48,7 @@ def _build(cls: type, data: dict[str, Any]) -> Any:
         hint = hints[name]
         if name in VARIANTS and isinstance(value, dict):
             key, options = VARIANTS[name]
-            if value.get(key) not in options:
+            if not isinstance(value.get(key), str) or value.get(key) not in options:
                 raise ValueError(f"{name}.{key}={value.get(key)!r} is unknown: choose one of {sorted(options)}")
             kwargs[name] = _build(options[value[key]], value)
         elif dataclasses.is_dataclass(hint) and isinstance(value, dict):
