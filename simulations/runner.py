@@ -47,10 +47,9 @@ def simulate(settings: RunConfig) -> dict:
     setup_console(simulated_merchants=True)  # the run's table speaks for the merchants; -v shows their lines
     backend_config = {
         "client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus},
-        # Ray on loopback only (a local simulation exposes nothing), no dashboard; its workers inherit the
-        # environment, so the console settings reach every ClientApp actor
-        "init_args": {"logging_level": "error", "log_to_driver": True, "include_dashboard": False,
-                      "_node_ip_address": "127.0.0.1"},
+        # no dashboard; token authentication on (storefed/flower_env.py: Ray cannot be bound to loopback);
+        # Ray's workers inherit the environment, so the console settings reach every ClientApp actor
+        "init_args": {"logging_level": "error", "log_to_driver": True, "include_dashboard": False},
     }
     print(f"StoreFed simulation: {federation.num_stores} stores, {federation.stores_per_round} per round, "
           f"{federation.rounds} rounds, task={settings.task.name}, run dir {run_dir}", flush=True)

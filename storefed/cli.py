@@ -12,6 +12,8 @@
     storefed audit [key=value ...]       one-run canary audit: empirical lower bound on epsilon
     storefed classify RUN_DIR TEXT ...   the run's exported review model on texts (label and score)
     storefed recommend RUN_DIR --history A,B --k 10   top-k catalog items of the run's recommender
+    storefed report RUN_DIR              report.md + self-contained report.html + plots/*.png (also written
+                                         at the end of simulate, server and evaluate)
 
 Every command composes its configuration (storefed.config) first: a bad key or value exits 2 with
 one line naming it, before anything expensive starts. ``storefed <command> --help`` lists the keys.
@@ -41,8 +43,11 @@ def cmd_simulate(overrides: list[str]) -> int:
         print(f"storefed simulate: FAILED: {exc}", file=sys.stderr)
         return 1
     from storefed.server.run_log import summary_lines
+    from storefed.simulations.report import report_after_run
 
-    print("\n".join(summary_lines(summary, Path(summary["model"]).parent)))
+    run_dir = Path(summary["model"]).parent
+    print("\n".join(summary_lines(summary, run_dir)))
+    report_after_run(run_dir)
     return 0
 
 
@@ -98,8 +103,10 @@ def cmd_server(overrides: list[str]) -> int:
         print(f"storefed server: FAILED: {exc or 'interrupted'}", file=sys.stderr)
         return 1
     from storefed.server.run_log import summary_lines
+    from storefed.simulations.report import report_after_run
 
     print("\n".join(summary_lines(summary, run_dir)))
+    report_after_run(run_dir)
     return 0
 
 
@@ -199,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
         child.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=review privacy.epsilon=3")
         child.set_defaults(root=root)
     sub.add_parser("classify", help="the run's exported review model on texts: storefed classify RUN_DIR TEXT ...")
+    sub.add_parser("report", help="Markdown + HTML report with plots for a run directory: storefed report RUN_DIR")
     sub.add_parser("recommend", help="a run's recommender: storefed recommend RUN_DIR --history ITEM,ITEM --k 10")
     return parser
 
@@ -208,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_console(verbose=True if {"-v", "--verbose"} & set(argv) else None)  # before any library is imported
     if argv[:1] == ["classify"]:  # positional texts, no config keys
         return cmd_classify(argv[1:])
+    if argv[:1] == ["report"]:  # a run dir, no config keys
+        from storefed.simulations.report import run_report_command
+
+        return run_report_command(argv[1:])
     if argv[:1] == ["recommend"]:  # a run dir and flags, no config keys
         from storefed.simulations.recommend import run_recommend_command
 

@@ -8,6 +8,7 @@ offline (no runtime dependency installs) and keep Flower's state in a local ``FL
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -26,8 +27,16 @@ def flower_env(**extra: str) -> dict[str, str]:
 
 
 def prepare_simulation_environment(home: Path) -> None:
-    """Offline-safe settings for an in-process Flower simulation; ``home`` becomes FLWR_HOME unless set."""
+    """Offline-safe settings for an in-process Flower simulation; ``home`` becomes FLWR_HOME unless set.
+
+    Ray exposure: Ray 2.55 listens on all interfaces and rewrites a 127.0.0.1 node address to the
+    machine's own (``ray._private.services.resolve_ip_for_localhost``), so a local simulation cannot
+    be bound to loopback. Instead Ray's token authentication is on, with a random token made for
+    this process (never written to disk): peers without it are refused by every Ray gRPC server.
+    """
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("FLWR_HOME", str(home))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

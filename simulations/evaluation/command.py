@@ -56,6 +56,9 @@ def run_evaluate_command(settings: EvaluateConfig, overrides: list[str]) -> int:
     paths = evaluate(settings, spec, run_dir, command=["storefed", "evaluate", *overrides])
     print(Path(paths["md"]).read_text(encoding="utf-8"))
     print(f"storefed evaluate: done in {time.time() - started:.0f} s; results in {run_dir}")
+    from storefed.simulations.report import report_after_run
+
+    report_after_run(run_dir)
     return 0
 
 
