@@ -39,6 +39,7 @@ class MerchantOptions:
     clientappio_port: int = 9094
     insecure: bool = False
     epsilon_budget: float | None = None
+    person_epsilon_budget: float | None = None
     delta: float | None = None
     max_wait_time_s: float | None = None
 
@@ -64,6 +65,8 @@ def node_config(options: MerchantOptions) -> str:
     text = " ".join(f'{k}="{v}"' for k, v in entries.items())
     if options.epsilon_budget is not None:
         text += f" epsilon-budget={float(options.epsilon_budget)}"
+    if options.person_epsilon_budget is not None:
+        text += f" person-epsilon-budget={float(options.person_epsilon_budget)}"
     if options.delta is not None:
         text += f" delta={float(options.delta)}"
     return text

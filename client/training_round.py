@@ -21,7 +21,9 @@ import torch
 from flwr.app import ArrayRecord
 
 from storefed.client.device import choose_device
+from storefed.client.global_copy import keep_latest_global
 from storefed.client.local_training import DPParams, local_training_config, train_local
+from storefed.client.reply_cache import input_digest, replay, save_reply
 from storefed.data.schema import MerchantData
 from storefed.data.sources import load_for_node
 from storefed.models.task import Task, build_task
@@ -54,6 +56,7 @@ def load_round(
                       cache_dir=private_cache_dir(config.privacy, node_config), device=device)
     model = task.build_model()
     model.load_state_dict(global_state, strict=False)
+    keep_latest_global(config, task, global_state, node_config, catalog.num_items)  # deployed merchants only
     return task, model, data, device
 
 
@@ -128,6 +131,14 @@ def train_round(
     ledger = open_ledger(
         privacy.ledger_dir, data.merchant_id, task.name, task.privacy_unit, delta, privacy.accountant, budget
     )
+    digest = input_digest(global_state)
+    cached, reason = replay(ledger, config.run_id, server_round, digest)  # a resumed coordinator asks again
+    if cached is not None:
+        log.info("StoreFed merchant %s round %d: already trained; the same reply is sent again (no privacy spent)",
+                 data.merchant_id, server_round)
+        return TrainOutcome(*cached)
+    if reason:
+        return refusal(reason, ledger, budget, delta)
     reason = delta_problem(delta, len(dataset), task.privacy_unit, "this merchant")
     if reason:
         return refusal(reason, ledger, budget, delta)
@@ -162,10 +173,12 @@ def train_round(
         "epsilon_total": record.epsilon_total, "epsilon_budget": budget, "delta": delta,
         "epsilon_person": person.epsilon,
     }
-    return TrainOutcome(
+    outcome = TrainOutcome(
         metrics, shared_arrays(task, unwrap(model)),
         {"unit": task.privacy_unit, "accountant": ledger.accountant, "guarantee": ledger.guarantee()},
     )
+    save_reply(ledger, config.run_id, server_round, digest, outcome.metrics, outcome.arrays, outcome.privacy)
+    return outcome
 
 
 def _noise_multiplier(privacy: MerchantPrivacy, ledger: PrivacyLedger, sample_rate: float, steps: int) -> float | None:

@@ -185,6 +185,18 @@ class CentralDP:
             "central_noise_multiplier": float(self.round_noise_multiplier),
         }
 
+    def state(self) -> dict:
+        """What a checkpoint keeps: releases composed so far and the current clipping norm."""
+        return {"releases": int(self.accountant.get_privacy_spent().num_releases),
+                "clipping_norm": float(self.wrapper.clipping_norm), "standins_total": self.standins_total}
+
+    def restore(self, state: dict) -> None:
+        """Replay a checkpoint: the same release composed ``releases`` times (every round's event is equal)."""
+        for _ in range(int(state["releases"])):
+            self.accountant.compose(self._event())
+        self.wrapper.clipping_norm = float(state["clipping_norm"])
+        self.standins_total = int(state.get("standins_total", 0))
+
     def summary(self) -> dict:
         spent = self.accountant.get_privacy_spent()
         return {

@@ -1,53 +1,111 @@
-"""The global model on disk: safetensors weights plus the config needed to rebuild it.
+"""The coordinator's checkpoint after every round, and resuming a run from it (``resume=true``).
 
-Both files are written atomically; the config is written last, so a ``model_config.json``
-always describes a complete weights file.
+``<run dir>/checkpoint/`` holds, for the last complete round R: the global model
+(``model-R.safetensors``), the strategy's state (``strategy-R.safetensors``: FedAdam/FedYogi/FedAdagrad
+moments; empty for stateless strategies) and ``state.json`` (R, the client-level accountant's
+releases and clipping norm, each merchant's epsilon so far, how many merchants trained). The tensor
+files are written first; ``state.json`` is written last, atomically, and names them: it is the
+commit point, so a crash at any moment leaves the previous complete checkpoint in force.
+
+A run directory whose ``status.json`` says ``running`` records the process id and host that own it:
+``run_owner_alive`` tells a live run from one left behind by a dead process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import socket
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from storefed.atomic_files import atomic_write_bytes, atomic_write_text
-from storefed.config.schema import TaskConfig
-from storefed.models.task import Task
 
-WEIGHTS_FILE = "global_model.safetensors"
-CONFIG_FILE = "model_config.json"
-
-
-def save_global_model(
-    run_dir: Path, state: dict[str, torch.Tensor], task_cfg: TaskConfig, num_items: int, task: Task | None = None
-) -> dict[str, str | None]:
-    """Weights + config; for a review model with a standard architecture also ``review_model/``, a
-    folder ``transformers.pipeline("text-classification", model=...)`` loads offline.
-
-    Returns what was written, as the run summary lists it: ``model`` and ``review_model`` (None when
-    the task has no such export)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    path = Path(run_dir) / WEIGHTS_FILE
-    atomic_write_bytes(path, save_safetensors(tensors, metadata={"task": task_cfg.name}))
-    config = {"task": dataclasses.asdict(task_cfg), "num_items": num_items}
-    atomic_write_text(Path(run_dir) / CONFIG_FILE, json.dumps(config, indent=2))
-    written: dict[str, str | None] = {"model": str(path), "review_model": None}
-    if task is not None and task.name == "review":
-        from storefed.models.review_export import EXPORT_DIR, export_review_model, exportable
-
-        if exportable(task) is None:
-            written["review_model"] = str(export_review_model(task, tensors, Path(run_dir) / EXPORT_DIR))
-    return written
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+OPTIMIZER_STATE = ("m_t", "v_t")  # Flower's FedOpt family keeps its moments here
 
 
-def load_global_model(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights and config of a saved global model; clear error when the files are missing."""
-    run_dir = Path(run_dir)
-    weights, config = run_dir / WEIGHTS_FILE, run_dir / CONFIG_FILE
-    if not weights.exists() or not config.exists():
-        raise FileNotFoundError(f"{run_dir} has no saved global model ({WEIGHTS_FILE} and {CONFIG_FILE} expected)")
-    return load_safetensors(weights.read_bytes()), json.loads(config.read_text(encoding="utf-8"))
+@dataclasses.dataclass
+class Checkpoint:
+    server_round: int  # the last complete round
+    model: dict[str, torch.Tensor]
+    strategy_state: dict[str, torch.Tensor]  # "<attribute>/<array name>" -> tensor
+    central: dict | None  # client-level DP: {"releases": n, "clipping_norm": c}
+    merchant_epsilon: dict[str, float]
+    trained: int  # merchant updates accepted so far
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    model_file, strategy_file = f"model-{ckpt.server_round}.safetensors", f"strategy-{ckpt.server_round}.safetensors"
+    atomic_write_bytes(folder / model_file, save_safetensors(_contiguous(ckpt.model)))
+    atomic_write_bytes(folder / strategy_file, save_safetensors(_contiguous(ckpt.strategy_state)))
+    state = {"round": ckpt.server_round, "model": model_file, "strategy": strategy_file, "central": ckpt.central,
+             "merchant_epsilon": ckpt.merchant_epsilon, "trained": ckpt.trained}
+    atomic_write_text(folder / STATE_FILE, json.dumps(state, indent=2))
+    for old in folder.glob("*.safetensors"):  # only the committed round's files are kept
+        if old.name not in (model_file, strategy_file):
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The last complete round's checkpoint, or None when the run has none; ValueError when it is damaged."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        model = load_safetensors((folder / state["model"]).read_bytes())
+        strategy = load_safetensors((folder / state["strategy"]).read_bytes())
+        return Checkpoint(int(state["round"]), model, strategy, state.get("central"),
+                          {str(k): float(v) for k, v in state["merchant_epsilon"].items()}, int(state["trained"]))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise ValueError(f"the checkpoint in {folder} is damaged ({exc}): resume is impossible; start a new run_dir")
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def strategy_state(strategy: object) -> dict[str, torch.Tensor]:
+    """The optimizer moments of a FedOpt-family strategy (nothing for stateless ones)."""
+    out = {}
+    for attribute in OPTIMIZER_STATE:
+        for name, array in (getattr(strategy, attribute, None) or {}).items():
+            out[f"{attribute}/{name}"] = torch.from_numpy(np.ascontiguousarray(array))
+    return out
+
+
+def restore_strategy_state(strategy: object, state: dict[str, torch.Tensor]) -> None:
+    for attribute in OPTIMIZER_STATE:
+        moments = {k.split("/", 1)[1]: v.numpy() for k, v in state.items() if k.startswith(f"{attribute}/")}
+        if moments:
+            setattr(strategy, attribute, moments)
+
+
+def owner() -> dict:
+    """Who runs this run: written into ``status.json`` while it is running."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
+
+
+def run_owner_alive(status: dict) -> bool | None:
+    """True/False for a ``running`` status owned by a process on this host; None when it cannot be told."""
+    pid, host = status.get("pid"), status.get("host")
+    if status.get("status") != "running" or not isinstance(pid, int) or host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

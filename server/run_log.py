@@ -60,6 +60,23 @@ class RunLog:
                 self.note(f"  round {server_round}: merchant node {node} {kind}: {reason}")
         self.pending[server_round] = row
 
+    def resume(self, done: int, merchant_epsilon: dict[str, float]) -> None:
+        """Continue after round ``done``: keep its rows (rewriting ``metrics.jsonl`` without any later,
+        half-finished round, so no round appears twice) and the merchants' epsilons so far."""
+        path = self.run_dir / "metrics.jsonl"
+        kept: dict[int, dict] = {}
+        for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line cut short by the crash
+                continue
+            if int(row["round"]) <= done:
+                kept[int(row["round"])] = row
+        self.rows = [kept[r] for r in sorted(kept)]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in self.rows))
+        self._write_csv()
+        self.merchant_epsilon = dict(merchant_epsilon)
+
     def start(self, rounds: int) -> None:
         self.display.start(f"[{self.task}]", rounds, self.task, self.unit if self.dp else "none")
 
@@ -147,7 +164,9 @@ def summary_lines(summary: dict, run_dir: Path) -> list[str]:
         lines.append(
             f"  privacy: epsilon max {privacy['epsilon_max']:.3f} over {privacy.get('merchants_trained', 0)} merchants "
             f"(per {privacy['unit']}, delta={final.get('delta', 'see ledgers')}, {str(privacy['accountant']).upper()} "
-            f"accountant, {privacy['sampling']} sampling, {privacy['mode']} mode)")
+            f"accountant, {privacy['sampling']} sampling, {privacy['mode']} mode"
+            + ("; a population-level epsilon that holds only while secure aggregation holds)"
+               if privacy["mode"] == "distributed" else ")"))
     lines.append(f"  guarantee: {privacy.get('guarantee', 'unknown')}")
     if privacy.get("client_level"):
         lines.append(f"  client-level: {json.dumps(privacy['client_level'], default=str)}")

@@ -17,11 +17,12 @@ import torch
 
 from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
-from storefed.config.validate import noise_multiplier_value
+from storefed.config.validate import ConfigError, noise_multiplier_value
 from storefed.data.schema import Catalog
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import Task, build_task
 from storefed.privacy.skellam import SkellamPlan
+from storefed.server.checkpoint import load_checkpoint, owner, run_owner_alive
 from storefed.wire import MerchantPrivacy, RoundConfig
 
 
@@ -106,7 +107,60 @@ def prepare_run(settings: RunConfig, run_dir: Path) -> RunSetup:
 def write_status(run_dir: Path, status: str, error: str | None = None, detail: str | None = None) -> None:
     """``status.json``: ``running`` | ``completed`` | ``failed`` with the reason (written atomically)."""
     payload = {"status": status, "time": time.time(), "error": error, "traceback": detail}
+    if status == "running":  # who owns it: a run left `running` by a dead process can be told apart
+        payload |= owner()
     atomic_write_text(run_dir / "status.json", json.dumps(payload, indent=2))
+
+
+def check_run_dir(settings: RunConfig, run_dir: Path) -> None:
+    """Before anything starts: a new run needs a fresh run dir; ``resume=true`` needs a resumable one.
+
+    Raises ConfigError naming what is wrong and what to do."""
+    from storefed.config.serialize import to_dict
+
+    status_file = run_dir / "status.json"
+    status = json.loads(status_file.read_text(encoding="utf-8")) if status_file.is_file() else None
+    if not settings.resume:
+        if status is not None:
+            raise ConfigError(f"run_dir={run_dir} already holds a run (status {status.get('status')}): choose a new "
+                              "run_dir, or pass resume=true to continue it from its last complete round")
+        return
+    if settings.privacy.secure_aggregation or settings.privacy.mode == "distributed":
+        raise ConfigError("resume=true is not supported under secure aggregation (privacy.secure_aggregation=true or "
+                          "privacy.mode=distributed): the SecAgg+ workflow keeps its round state inside Flower; "
+                          "start a new run_dir")
+    if status is None:
+        raise ConfigError(f"resume=true but run_dir={run_dir} holds no run (no status.json): give the run_dir of the "
+                          "run to continue")
+    if status.get("status") == "completed":
+        raise ConfigError(f"run_dir={run_dir} already completed: nothing to resume")
+    if run_owner_alive(status):
+        raise ConfigError(f"run_dir={run_dir} is still running (pid {status.get('pid')} on {status.get('host')}): "
+                          "stop it before resuming")
+    saved = next((run_dir / n for n in ("config.yaml", "settings.json") if (run_dir / n).is_file()), None)
+    if saved is not None:
+        import yaml
+
+        text = saved.read_text(encoding="utf-8")
+        before = _flat((json.loads(text) if saved.suffix == ".json" else yaml.safe_load(text)) or {})
+        now = _flat(to_dict(settings))
+        changed = sorted(k for k in before.keys() | now.keys() if k not in ("resume", "run_dir")
+                         and before.get(k) != now.get(k))
+        if changed:
+            shown = ", ".join(f"{k}={now.get(k)!r} (was {before.get(k)!r})" for k in changed[:5])
+            raise ConfigError(f"resume=true must keep the run's settings, but {shown} changed: resume with the "
+                              "original settings, or start a new run_dir")
+    load_checkpoint(run_dir)  # a damaged checkpoint is refused here, before anything starts
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def check_someone_trained(rounds: int, trained: int, refusals: list[str]) -> None:

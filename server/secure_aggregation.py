@@ -50,7 +50,7 @@ from flwr.supercore import log as flwr_log
 
 from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
-from storefed.server.checkpoint import save_global_model
+from storefed.models.saved_model import save_global_model
 from storefed.server.distributed_secagg import build_distributed_strategy, integer_range
 from storefed.server.progress import RoundDisplay
 from storefed.server.run_log import RunLog, epsilon_columns

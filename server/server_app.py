@@ -26,7 +26,14 @@ from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import RunConfig, ServerRunConfig
 from storefed.config.serialize import from_dict
 from storefed.console import setup_console
-from storefed.server.checkpoint import save_global_model
+from storefed.models.saved_model import save_global_model
+from storefed.server.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    restore_strategy_state,
+    save_checkpoint,
+    strategy_state,
+)
 from storefed.server.progress import ProgressGrid, RoundDisplay, make_display
 from storefed.server.run_log import RunLog
 from storefed.server.run_setup import RunFailed, check_someone_trained, prepare_run, write_status
@@ -53,7 +60,12 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay |
     to_clients, catalog, task, shared = setup.to_clients, setup.catalog, setup.task, setup.shared
     privacy = to_clients.privacy
     log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, privacy.enabled, display=display)
-    trained, refusals = 0, []
+    resumed = load_checkpoint(run_dir) if settings.resume else None
+    done = resumed.server_round if resumed else 0
+    initial = resumed.model if resumed else shared
+    trained, refusals = (resumed.trained if resumed else 0), []
+    if settings.resume:
+        log.resume(done, resumed.merchant_epsilon if resumed else {})
 
     def on_screened(server_round: int, screening: RoundScreening) -> None:
         nonlocal trained
@@ -63,31 +75,47 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay |
         if screening.failed and not (screening.accepted or screening.refused or screening.rejected):
             raise RunFailed(f"round {server_round}: every sampled merchant failed: {next(iter(screening.failed.values()))}")
 
+    def on_round_end(server_round: int, train: dict | None, evaluate: dict | None) -> None:
+        log.on_round_end(server_round, train, evaluate)
+        latest = strategy.latest_arrays
+        model = latest.to_torch_state_dict() if latest is not None and len(latest) else initial
+        save_checkpoint(run_dir, Checkpoint(server_round, model, strategy_state(strategy.inner),
+                                            strategy.central.state() if strategy.central else None,
+                                            dict(log.merchant_epsilon), trained))
+
     strategy = build_strategy(
         settings.strategy, settings.federation, expected=setup.expected, on_screened=on_screened,
-        on_round_end=log.on_round_end, privacy_cfg=settings.privacy,
+        on_round_end=on_round_end, privacy_cfg=settings.privacy, round_offset=done,
     )
+    if resumed:
+        restore_strategy_state(strategy.inner, resumed.strategy_state)
+        if strategy.central and resumed.central:
+            strategy.central.restore(resumed.central)
     config = ConfigRecord(to_clients.to_record())
     rounds = settings.federation.rounds
     started, stopped_early = time.time(), None
     log.start(rounds)
+    if done:
+        log.note(f"[{task.name}] resumed after round {done} of {rounds} (checkpoint in {run_dir / 'checkpoint'})")
     try:
-        strategy.start(
-            grid=grid, initial_arrays=ArrayRecord(shared), num_rounds=rounds, train_config=config,
-            evaluate_config=ConfigRecord(dict(config)),
-        )
+        if rounds > done:
+            strategy.start(
+                grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds - done, train_config=config,
+                evaluate_config=ConfigRecord(dict(config)),
+            )
     except PrivacyBudgetExhausted as exc:  # client-level budget: stop cleanly, keep what was released
         stopped_early = f"client-level privacy budget exhausted after {len(log.rows)} rounds: {exc}"
         log.note(f"[{task.name}] STOPPED: {stopped_early}")
     if stopped_early is None:
         check_someone_trained(rounds, trained, [str(r) for r in refusals])
     latest = strategy.latest_arrays
-    final = latest.to_torch_state_dict() if latest is not None and len(latest) else shared
+    final = latest.to_torch_state_dict() if latest is not None and len(latest) else initial
     saved = save_global_model(run_dir, final, to_clients.task, catalog.num_items, task)
     summary = {
         "task": task.name,
         "rounds": rounds,
         "rounds_completed": len(log.rows),
+        "resumed_after_round": done if settings.resume else None,
         "stopped_early": stopped_early,
         "seconds": round(time.time() - started, 1),
         "final_eval": log.rows[-1] if log.rows else {},

@@ -51,12 +51,14 @@ def build_strategy(
     on_screened: Callable[[int, RoundScreening], None],
     on_round_end: Callable[[int, dict | None, dict | None], None] | None = None,
     privacy_cfg: PrivacyConfig | None = None,
+    round_offset: int = 0,
 ) -> "ScreenedStrategy":
     """The configured Flower strategy behind StoreFed's reply screening (and central DP, if configured).
 
     ``on_screened(round, screening)`` sees every round's replies before aggregation (it may raise
     to stop the run); ``on_round_end(round, train_metrics, eval_metrics)`` gets the aggregated
-    metrics once the round's evaluation is done.
+    metrics once the round's evaluation is done. ``round_offset``: rounds already done (a resumed
+    run): Flower counts from 1 again, merchants, metrics and ledgers see ``offset + Flower's round``.
     """
     name = strategy_cfg.name
     if name not in STRATEGIES:
@@ -86,7 +88,8 @@ def build_strategy(
         **options,
     )
     central = CentralDP(privacy_cfg, inner, per_round, num_stores) if central_mode != "none" else None
-    return ScreenedStrategy(inner, expected, on_screened, on_round_end, central, federation_cfg.max_update_norm)
+    return ScreenedStrategy(inner, expected, on_screened, on_round_end, central, federation_cfg.max_update_norm,
+                            round_offset)
 
 
 class ScreenedStrategy(Strategy):
@@ -104,9 +107,11 @@ class ScreenedStrategy(Strategy):
         on_round_end: Callable[[int, dict | None, dict | None], None] | None,
         central: CentralDP | None,
         max_update_norm: float | None = None,
+        round_offset: int = 0,
     ) -> None:
         super().__init__()
         self.inner, self.expected, self.central, self.max_update_norm = inner, expected, central, max_update_norm
+        self.round_offset = round_offset
         self.on_screened, self.on_round_end = on_screened, on_round_end
         self.aggregator: Strategy = central.wrapper if central else inner
         # Evaluation metrics are not released under central DP: weighted by examples, as without it.
@@ -119,11 +124,12 @@ class ScreenedStrategy(Strategy):
         if self.central:
             self.central.before_round()
         self._current = arrays
-        return self.aggregator.configure_train(server_round, arrays, config, grid)
+        return self.aggregator.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         screening = screen_train_replies(list(replies), self.expected, self._current, self.max_update_norm)
         self.on_screened(server_round, screening)
         if not screening.accepted:
@@ -140,9 +146,10 @@ class ScreenedStrategy(Strategy):
         return arrays, MetricRecord(metrics)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        return self.aggregator.configure_evaluate(server_round, arrays, config, grid)
+        return self.aggregator.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.round_offset
         metrics = self.evaluation.aggregate_evaluate(server_round, replies)
         if self.on_round_end is not None:
             self.on_round_end(server_round, self._latest_train.pop(server_round, None), dict(metrics) if metrics else None)

@@ -1,6 +1,6 @@
 """``storefed recommend RUN_DIR --history ITEM,ITEM,... --k 10``: a trained recommender's top-k items.
 
-The run dir's saved global model (``server/checkpoint.py``) is rebuilt on the run's own catalog:
+The run dir's saved global model (``models/saved_model.py``) is rebuilt on the run's own catalog:
 ``config.yaml`` (``storefed simulate``) or ``settings.json`` (``storefed server``) names the data
 source, and ``coordinator_catalog`` rebuilds the catalog exactly as the coordinator published it
 (``server/run_setup.py``). Items are named by their public catalog ids (``item_id`` of
@@ -35,11 +35,12 @@ from torch import nn
 
 from storefed.config.schema import RecommenderConfig, RunConfig
 from storefed.config.serialize import from_dict
+from storefed.data.merchant_files import load_catalog
 from storefed.data.schema import Catalog
 from storefed.data.sources import coordinator_catalog
 from storefed.models.recommender import pad_history
+from storefed.models.saved_model import CONFIG_FILE, WEIGHTS_FILE, load_global_model
 from storefed.models.task import build_task
-from storefed.server.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_global_model
 
 RUN_CONFIG_FILES = ("config.yaml", "settings.json")  # storefed simulate | storefed server
 SHOWN_UNKNOWN = 5  # unknown ids named in an error message
@@ -117,16 +118,20 @@ class Recommender:
                              "they are written when a `storefed simulate task=recommender` or "
                              "`storefed server` run completes") from None
         task_cfg = _recommender_config(run_dir, saved)
-        settings = _run_settings(run_dir)
         try:
-            catalog = coordinator_catalog(settings.data, settings.seed)
+            if saved.get("catalog_file") and not any((run_dir / n).is_file() for n in RUN_CONFIG_FILES):
+                seed = int(saved.get("seed", 0))  # a merchant's copy of the global model (client/global_copy.py)
+                catalog = load_catalog(Path(saved["catalog_file"]))
+            else:
+                settings = _run_settings(run_dir)
+                seed, catalog = settings.seed, coordinator_catalog(settings.data, settings.seed)
         except FileNotFoundError as exc:
             raise ValueError(f"the run's catalog could not be read ({exc}); relative data.catalog paths are "
                              f"read from the current directory ({Path.cwd()})") from exc
         if catalog.num_items != saved.get("num_items"):
             raise ValueError(f"{run_dir}'s model scores {saved.get('num_items')} items but the run's catalog now has "
                              f"{catalog.num_items}: the catalog changed since the run")
-        model = build_task(task_cfg, catalog, seed=settings.seed).build_model()
+        model = build_task(task_cfg, catalog, seed=seed).build_model()
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:

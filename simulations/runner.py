@@ -16,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from storefed.atomic_files import atomic_write_text
 from storefed.config.schema import RunConfig
 from storefed.config.serialize import to_dict
 from storefed.console import setup_console
 from storefed.flower_env import prepare_simulation_environment
-from storefed.server.run_setup import RunFailed
+from storefed.server.run_setup import RunFailed, check_run_dir
 from storefed.server.server_app import make_server_app
 from storefed.simulations.checks import check_run
 
@@ -40,9 +41,10 @@ def simulate(settings: RunConfig) -> dict:
     from storefed.client.client_app import app as client_app
 
     run_dir = resolve_run_dir(settings.run_dir, settings.task.name)
+    check_run_dir(settings, run_dir)  # a used run dir needs resume=true; a resume needs a resumable one
     prepare_simulation_environment(run_dir.parent / ".flwr")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(settings), sort_keys=False), encoding="utf-8")
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(settings), sort_keys=False))
     federation = settings.federation
     setup_console(simulated_merchants=True)  # the run's table speaks for the merchants; -v shows their lines
     backend_config = {

@@ -84,6 +84,7 @@ def cmd_server(overrides: list[str]) -> int:
 
     from storefed.config.schema import FilesDataConfig
     from storefed.server.deployment import DeploymentError, ServerOptions, serve
+    from storefed.server.run_setup import check_run_dir
     from storefed.simulations.checks import check_run
     from storefed.simulations.runner import resolve_run_dir
 
@@ -97,6 +98,7 @@ def cmd_server(overrides: list[str]) -> int:
     if isinstance(settings.data, FilesDataConfig):  # the ServerApp process runs elsewhere: absolute paths
         settings = dataclasses.replace(settings, data=FilesDataConfig(catalog=str(Path(settings.data.catalog).resolve())))
     run_dir = resolve_run_dir(settings.run_dir, f"server-{settings.task.name}")
+    check_run_dir(settings, run_dir)
     try:
         summary = serve(settings, options, run_dir)
     except (DeploymentError, KeyboardInterrupt) as exc:
@@ -137,6 +139,7 @@ def cmd_merchant(overrides: list[str]) -> int:
         data_dir=Path(cfg.data_dir).resolve(), ledger_dir=Path(cfg.ledger_dir).resolve(), superlink=cfg.superlink,
         catalog=path(cfg.catalog), ca_cert=path(cfg.ca_cert), private_key=path(cfg.private_key),
         clientappio_port=cfg.port, insecure=cfg.insecure, epsilon_budget=cfg.epsilon_budget, delta=cfg.delta,
+        person_epsilon_budget=cfg.person_epsilon_budget,
         max_wait_time_s=cfg.max_wait_time_s,
     )
     try:

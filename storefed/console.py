@@ -37,7 +37,8 @@ BENIGN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
      "Opacus hooks on modules with several outputs; per-sample gradients are still computed by Opacus"),
 )
 # Flower lines that say nothing actionable to a StoreFed user (shown with -v)
-FLOWER_NOISE = ("DEPRECATED FEATURE: The `run_simulation` function is deprecated",)
+FLOWER_NOISE = ("DEPRECATED FEATURE: The `run_simulation` function is deprecated",
+                "Manually terminating ClientAppActor")
 
 _configured: bool | None = None  # the verbosity this process was set up with
 

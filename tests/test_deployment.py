@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, SMALL_WORLD
 from storefed.data.merchant_files import write_catalog, write_merchant_dir
@@ -166,6 +167,18 @@ def test_tls_deployment_runs_with_authorized_merchants_and_rejects_the_rest(worl
     merchant_log = (tmp / "shop-a.log").read_text()
     assert "merchant data OK" in merchant_log
     assert "StoreFed merchant shop-a round 2: trained" in merchant_log and "per customer, RDP accountant" in merchant_log
+    # each merchant keeps the latest global model it received, usable on its side (client/global_copy.py)
+    from safetensors.torch import load_file
+
+    from storefed.simulations.recommend import Recommender
+
+    copy = tmp / "shop-a" / "ledger" / "global_model" / "recommender"
+    final = load_file(run_dir / "global_model.safetensors")
+    kept = load_file(copy / "global_model.safetensors")
+    assert set(kept) == set(final) and all(torch.equal(kept[k], final[k]) for k in final), "the final global model"
+    assert (tmp / "report.html").exists() or (run_dir / "report.html").exists()
+    top = Recommender.from_run_dir(copy).recommend([], k=3)
+    assert len(top) == 3 and top[0].score >= top[1].score >= top[2].score
 
 
 def test_merchant_with_bad_data_fails_before_connecting(tmp_path):
@@ -316,3 +329,14 @@ def test_exposing_options_and_an_expired_certificate_are_refused_before_start(tm
     err = capsys.readouterr().err.strip()
     assert code == 2 and "server.control_host=10.0.0.5 is not allowed" in err and "\n" not in err
     assert not run_dir.exists(), "nothing written or started"
+
+
+def test_merchant_person_budget_reaches_the_node_config_and_bad_values_are_refused(tmp_path, capsys):
+    from storefed.cli import main
+    from storefed.client.merchant_agent import MerchantOptions, node_config
+
+    text = node_config(MerchantOptions(data_dir=tmp_path, ledger_dir=tmp_path, superlink="h:1", person_epsilon_budget=4))
+    assert "person-epsilon-budget=4.0" in text.split()
+    assert "person-epsilon-budget" not in node_config(MerchantOptions(data_dir=tmp_path, ledger_dir=tmp_path, superlink="h:1"))
+    assert main(["merchant", f"data_dir={tmp_path}", "person_epsilon_budget=-1"]) == 2
+    assert "person_epsilon_budget=-1" in capsys.readouterr().err

@@ -312,7 +312,7 @@ def test_popularity_prior_goes_through_secaggplus_in_round_one(tmp_path, flower_
     from flwr.app import Context, RecordDict
     from test_secure_aggregation import InProcessGrid
 
-    from storefed.server.checkpoint import load_global_model
+    from storefed.models.saved_model import load_global_model
     from storefed.server.secure_aggregation import run_secure_federation
 
     settings = _secure_distributed(tmp_path, stores=3)

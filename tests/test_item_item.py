@@ -98,7 +98,7 @@ def test_item_item_goes_through_secaggplus_in_two_rounds(tmp_path, flower_identi
     from flwr.app import Context, RecordDict
     from test_secure_aggregation import InProcessGrid
 
-    from storefed.server.checkpoint import load_global_model
+    from storefed.models.saved_model import load_global_model
     from storefed.server.secure_aggregation import run_secure_federation
 
     settings = _item_item(tmp_path, "federation.num_stores=3", "federation.stores_per_round=3",

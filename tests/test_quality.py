@@ -13,8 +13,8 @@ from storefed.models.recommender import (
     popularity_scorer,
     split_leave_last_out,
 )
+from storefed.models.saved_model import load_global_model
 from storefed.models.task import build_task
-from storefed.server.checkpoint import load_global_model
 from storefed.simulations.runner import simulate
 
 

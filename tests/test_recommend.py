@@ -18,7 +18,7 @@ from storefed.config import compose
 from storefed.config.schema import ReviewConfig
 from storefed.config.serialize import to_dict
 from storefed.models.matrix_layout import upper_triangle
-from storefed.server.checkpoint import save_global_model
+from storefed.models.saved_model import save_global_model
 from storefed.server.run_setup import prepare_run
 from storefed.simulations.recommend import Recommendation, Recommender, recommend, run_recommend_command
 

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from conftest import SMALL_WORLD, base_settings, node_context, round_config, train_message
 from storefed.client import client_app
 from storefed.config.schema import FederationConfig, PrivacyConfig
-from storefed.server.checkpoint import load_global_model
+from storefed.models.saved_model import load_global_model
 from storefed.server.run_setup import RunFailed
 from storefed.server.secure_aggregation import run_secure_federation, secagg_options
 

@@ -38,7 +38,7 @@ def test_small_simulation_runs_end_to_end_and_writes_its_run_dir(tmp_path):
     assert all(0.0 <= r["eval_hr@10"] <= 1.0 and "eval_sampled100_hr@10" in r for r in rows)
     assert (run_dir / "metrics.csv").read_text().startswith("round,")
     assert "federation:" in (run_dir / "config.yaml").read_text()
-    from storefed.server.checkpoint import load_global_model
+    from storefed.models.saved_model import load_global_model
 
     weights, config = load_global_model(run_dir)
     assert config["task"]["name"] == "recommender" and config["num_items"] == SMALL_WORLD["num_items"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import markdown as markdown_lib
 
+from storefed.server.checkpoint import run_owner_alive
 from storefed.simulations.report.figures import TASK_METRICS
 from storefed.simulations.report.run_data import FederationRun
 
@@ -103,8 +104,14 @@ def federation_markdown(run: FederationRun, images: dict[str, Path]) -> str:
              f"round; strategy {(cfg.get('strategy') or {}).get('name', '?')}; data {(cfg.get('data') or {}).get('source', '?')}",
              ""]
     if run.status.get("status") == "running":
-        lines += ["> **This run is marked running.** If no process is running it, it died: its metrics stop at the "
-                  "last finished round.", ""]
+        alive = run_owner_alive(run.status)
+        if alive is False:
+            lines += [f"> **This run was left `running` by a dead process** (pid {run.status.get('pid')} on "
+                      f"{run.status.get('host')}): its metrics stop at the last finished round. Continue it with "
+                      "the same command and `resume=true`.", ""]
+        else:
+            lines += ["> **This run is still running**" + (" " if alive else " (or its process is on another host) ")
+                      + "- the report shows the rounds finished so far.", ""]
     final = summary.get("final_eval") or (run.rows[-1] if run.rows else {})
     if final:
         cells = [(metric, final.get(f"eval_{metric}")), (f"baseline: {baseline}", final.get(f"eval_{baseline}")),

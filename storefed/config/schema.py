@@ -301,6 +301,8 @@ class RunConfig:
     seed: int = 0  # model initialisation and virtual stores (never DP noise or sampling)
     device: str = "auto"  # auto | cpu | cuda[:N]
     run_dir: Optional[str] = None  # default: ./runs/<time>-<task>
+    # continue the run in run_dir from its last complete round (its checkpoint/); false: run_dir must be new
+    resume: bool = False
 
 
 @dataclass
@@ -377,6 +379,8 @@ class MerchantConfig:
     port: int = 9094  # local ClientApp runtime port (one per merchant on a host)
     insecure: bool = False  # true = no TLS, no node key (local debugging only)
     epsilon_budget: Optional[float] = None  # the merchant's own budget per task
+    # the merchant's own per-customer budget across all tasks (overrides privacy.person_epsilon)
+    person_epsilon_budget: Optional[float] = None
     delta: Optional[float] = None  # the merchant's own delta (overrides privacy.delta)
     max_wait_time_s: Optional[float] = None  # stop retrying a failed connection after this (null: never)
 

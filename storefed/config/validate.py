@@ -77,6 +77,8 @@ def validate(cfg: Any) -> None:
         _device(cfg.device)
     if hasattr(cfg, "seed"):
         _at_least("seed", cfg.seed, 0)
+    if isinstance(cfg, s.EvaluateConfig) and cfg.resume:
+        _fail("resume", cfg.resume, "is for storefed simulate and server runs: an evaluation grid reruns from the start")
     if isinstance(cfg, s.MerchantConfig):
         _merchant(cfg)
     if isinstance(cfg, s.CertsConfig):
@@ -358,6 +360,8 @@ def _audit(audit: s.AuditSettings, cfg: Any) -> None:
 def _merchant(cfg: s.MerchantConfig) -> None:
     if cfg.epsilon_budget is not None:
         _positive("epsilon_budget", cfg.epsilon_budget)
+    if cfg.person_epsilon_budget is not None:
+        _positive("person_epsilon_budget", cfg.person_epsilon_budget)
     if cfg.delta is not None:
         _open_unit("delta", cfg.delta)
     if not 1 <= cfg.port <= 65535:
