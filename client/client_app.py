@@ -11,6 +11,7 @@ only as a masked SecAgg+ vector.
 from __future__ import annotations
 
 import hashlib
+import time
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -47,6 +48,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content[CONFIG]
     round_config = RoundConfig.from_record(config)
     if injected_failure(round_config, int(config[SERVER_ROUND]), dict(context.node_config)):
+        if round_config.failure_hang_s > 0:  # federation.failure_mode=hang: answer only after the round timed out
+            time.sleep(round_config.failure_hang_s)
         raise RuntimeError(f"injected failure (federation.failure_rate={round_config.failure_rate:g})")
     global_state = msg.content[ARRAYS].to_torch_state_dict()
     proximal_mu = float(config.get(PROXIMAL_MU, 0.0))  # sent by FedProx

@@ -100,7 +100,8 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay |
     try:
         if rounds > done:
             strategy.start(
-                grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds - done, train_config=config,
+                grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds - done,
+                timeout=float(settings.federation.round_timeout_s), train_config=config,
                 evaluate_config=ConfigRecord(dict(config)),
             )
     except PrivacyBudgetExhausted as exc:  # client-level budget: stop cleanly, keep what was released

@@ -89,7 +89,7 @@ def build_strategy(
     )
     central = CentralDP(privacy_cfg, inner, per_round, num_stores) if central_mode != "none" else None
     return ScreenedStrategy(inner, expected, on_screened, on_round_end, central, federation_cfg.max_update_norm,
-                            round_offset)
+                            round_offset, float(federation_cfg.round_timeout_s))
 
 
 class ScreenedStrategy(Strategy):
@@ -108,8 +108,11 @@ class ScreenedStrategy(Strategy):
         central: CentralDP | None,
         max_update_norm: float | None = None,
         round_offset: int = 0,
+        round_timeout_s: float | None = None,
     ) -> None:
         super().__init__()
+        self.round_timeout_s = round_timeout_s
+        self._asked: set[int] = set()  # nodes asked to train this round
         self.inner, self.expected, self.central, self.max_update_norm = inner, expected, central, max_update_norm
         self.round_offset = round_offset
         self.on_screened, self.on_round_end = on_screened, on_round_end
@@ -124,13 +127,18 @@ class ScreenedStrategy(Strategy):
         if self.central:
             self.central.before_round()
         self._current = arrays
-        return self.aggregator.configure_train(server_round + self.round_offset, arrays, config, grid)
+        messages = list(self.aggregator.configure_train(server_round + self.round_offset, arrays, config, grid))
+        self._asked = {m.metadata.dst_node_id for m in messages}
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        screening = screen_train_replies(list(replies), self.expected, self._current, self.max_update_norm)
+        replies = list(replies)
+        screening = screen_train_replies(replies, self.expected, self._current, self.max_update_norm)
+        for node in sorted(self._asked - {m.metadata.src_node_id for m in replies}):
+            screening.failed[node] = f"no reply within federation.round_timeout_s={self.round_timeout_s:g}"
         self.on_screened(server_round, screening)
         if not screening.accepted:
             return None, None

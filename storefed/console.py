@@ -38,7 +38,8 @@ BENIGN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
 )
 # Flower lines that say nothing actionable to a StoreFed user (shown with -v)
 FLOWER_NOISE = ("DEPRECATED FEATURE: The `run_simulation` function is deprecated",
-                "Manually terminating ClientAppActor")
+                "Manually terminating ClientAppActor",
+                "An exception was raised when processing a message by RayBackend")
 
 _configured: bool | None = None  # the verbosity this process was set up with
 
@@ -50,6 +51,8 @@ def verbose_requested() -> bool:
 class _DropFlowerNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if "ClientAppException" in message:  # a merchant's error: the run's round line names it in one line
+            return False
         return not any(message.startswith(noise) for noise in FLOWER_NOISE)
 
 

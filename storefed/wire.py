@@ -66,6 +66,7 @@ class RoundConfig:
     device: str = "auto"
     run_id: str = ""
     failure_rate: float = 0.0  # simulation only: share of merchants' train calls that fail on purpose
+    failure_hang_s: float = 0.0  # > 0: an injected failure first hangs this long (past the round timeout)
 
     def to_record(self) -> dict[str, Any]:
         """Flat ``{dotted.key: scalar | list}`` (None omitted), the contents of a Flower ConfigRecord."""
@@ -88,6 +89,7 @@ class RoundConfig:
             device=str(record.get("device", "auto")),
             run_id=str(record.get("run-id", "")),
             failure_rate=float(record.get("failure_rate", 0.0)),
+            failure_hang_s=float(record.get("failure_hang_s", 0.0)),
         )
 
 

@@ -113,3 +113,17 @@ def test_injected_failures_are_reproducible_counted_and_the_run_completes(tmp_pa
     expected_failed = sum(injected_failure(config, r, {"partition-id": p}) for r in (1, 2) for p in range(10))
     result = run_federated(settings, tmp_path / "run")
     assert expected_failed > 0 and result.trained == 20 - expected_failed and result.state
+
+
+def test_hanging_merchants_count_as_failed_after_the_round_timeout_and_the_run_completes(tmp_path):
+    """federation.failure_mode=hang: injected failures answer only after federation.round_timeout_s."""
+    run_dir = tmp_path / "hang"
+    done = _storefed("simulate", *SMALL, f"run_dir={run_dir}", "federation.failure_rate=0.4",
+                     "federation.failure_mode=hang", "federation.round_timeout_s=25")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and sum(r["failed"] for r in rows) >= 1
+    assert all(r["trained"] + r["failed"] + r["refused"] + r["rejected"] == 3 for r in rows)
+    assert "failed: no reply within federation.round_timeout_s=25" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr, "a merchant's failure is one line, not a traceback"
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"

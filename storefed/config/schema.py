@@ -212,6 +212,10 @@ class FederationConfig:
     # simulation only: each sampled merchant's train call fails with this probability (fault injection;
     # seeded by run, round and merchant, so a run is reproducible); refused for storefed server
     failure_rate: float = 0.0
+    # simulation only: how an injected failure shows: error (the call raises) | hang (no reply before
+    # round_timeout_s; the merchant answers, too late, with an error)
+    failure_mode: str = "error"
+    round_timeout_s: float = 3600.0  # seconds the coordinator waits for a round's replies; the rest count as failed
 
     def evaluated_per_round(self) -> int:
         """Merchants that evaluate the global model each round."""

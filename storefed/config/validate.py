@@ -278,6 +278,9 @@ def _federation(federation: s.FederationConfig, cfg: Any) -> None:
               f"must lie in 0..federation.num_stores={federation.num_stores}")
     if not (isinstance(federation.failure_rate, (int, float)) and 0 <= federation.failure_rate < 1):
         _fail("federation.failure_rate", federation.failure_rate, "must lie in [0, 1)")
+    if federation.failure_mode not in ("error", "hang"):
+        _fail("federation.failure_mode", federation.failure_mode, "choose error or hang")
+    _positive("federation.round_timeout_s", federation.round_timeout_s)
     if federation.failure_rate and isinstance(cfg, s.ServerRunConfig):
         _fail("federation.failure_rate", federation.failure_rate, "is for simulations: real merchants fail on their own")
     if federation.max_update_norm is not None:
