@@ -32,6 +32,7 @@ from storefed.privacy.delta_check import delta_problem
 from storefed.privacy.dp_sgd import plan_sampling, unwrap
 from storefed.privacy.ledger import PrivacyLedger, local_record, open_ledger
 from storefed.privacy.person_budget import person_refusal
+from storefed.update_codec import encode_update
 from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, MerchantPrivacy, RoundConfig
 
 log = logging.getLogger("storefed.merchant")  # storefed/console.py: shown at a merchant agent, quiet in simulation
@@ -123,7 +124,9 @@ def train_round(
             "epsilon_round": math.inf, "epsilon_total": math.inf,
         }
         guarantee = "NONE: privacy.enabled=false, this update carries no differential-privacy guarantee"
-        return TrainOutcome(metrics, shared_arrays(task, model), {"unit": task.privacy_unit, "guarantee": guarantee})
+        arrays = shared_arrays(task, model, global_state, config.update_encoding)
+        metrics["update_bytes"] = array_bytes(arrays)
+        return TrainOutcome(metrics, arrays, {"unit": task.privacy_unit, "guarantee": guarantee})
 
     budget, delta = privacy.epsilon, privacy.delta
     if privacy.ledger_dir is None:
@@ -173,8 +176,10 @@ def train_round(
         "epsilon_total": record.epsilon_total, "epsilon_budget": budget, "delta": delta,
         "epsilon_person": person.epsilon,
     }
+    arrays = shared_arrays(task, unwrap(model), global_state, config.update_encoding)
+    metrics["update_bytes"] = array_bytes(arrays)
     outcome = TrainOutcome(
-        metrics, shared_arrays(task, unwrap(model)),
+        metrics, arrays,
         {"unit": task.privacy_unit, "accountant": ledger.accountant, "guarantee": ledger.guarantee()},
     )
     save_reply(ledger, config.run_id, server_round, digest, outcome.metrics, outcome.arrays, outcome.privacy)
@@ -194,6 +199,14 @@ def _noise_multiplier(privacy: MerchantPrivacy, ledger: PrivacyLedger, sample_ra
         return None
 
 
-def shared_arrays(task: Task, model: torch.nn.Module) -> ArrayRecord:
+def array_bytes(arrays: ArrayRecord) -> int:
+    """Payload bytes of the update as sent (``federation.update_encoding``), without framing."""
+    return int(sum(array.numpy().nbytes for array in arrays.values()))
+
+
+def shared_arrays(task: Task, model: torch.nn.Module, start: dict[str, torch.Tensor] | None = None,
+                  encoding: str = "float32") -> ArrayRecord:
+    """The task's shared tensors, encoded for the wire (``federation.update_encoding``; after the DP noise)."""
     state = model.state_dict()
-    return ArrayRecord({key: state[key].detach().cpu() for key in task.shared_keys(model)})
+    tensors = {key: state[key].detach().cpu() for key in task.shared_keys(model)}
+    return ArrayRecord(encode_update(tensors, start or {}, encoding) if encoding != "float32" else tensors)

@@ -67,6 +67,7 @@ def round_config(settings: RunConfig, run_dir: Path) -> RoundConfig:
         device=settings.device,
         run_id=run_dir.name,
         failure_rate=float(settings.federation.failure_rate),
+        update_encoding=settings.federation.update_encoding,
         failure_hang_s=(float(settings.federation.round_timeout_s) + 2.0
                         if settings.federation.failure_mode == "hang" else 0.0),
     )

@@ -147,6 +147,7 @@ class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().__init__(*args, **kwargs)
         self.on_halt = on_halt  # (round, reason) -> None
         self.min_shares = min_shares
+        self.dropped: dict[int, int] = {}  # round -> sampled merchants whose masked vector never arrived
 
     def __call__(self, grid: Grid, context: Context) -> None:
         state = WorkflowState()
@@ -162,7 +163,9 @@ class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
                 return
 
     def _collect_then_count(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        if not self.collect_masked_vectors_stage(grid, context, state):
+        collected = self.collect_masked_vectors_stage(grid, context, state)
+        self.dropped[_current_round(context)] = max(len(state.nid_to_fitins) - len(state.legacy_results), 0)
+        if not collected:
             return False
         if self.min_shares is not None:  # distributed: every message carries a noise share
             collected = len(state.legacy_results)
@@ -266,10 +269,13 @@ class SecureRoundLog:
         self.train: dict[int, dict] = {}
         self.halted: dict[int, str] = {}
         self.aggregated: list[int] = []
+        self.dropped: dict[int, int] = {}  # filled by the SecAgg+ workflow (LoggedSecAggPlusWorkflow.dropped)
 
     def on_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> dict:
         trained = [(p, r) for p, r in results if r.num_examples > 0 and not r.metrics.get("refused", 0)]
         failures = _distinct(failures)
+        dropped = max(self.dropped.get(server_round, 0) - len(failures), 0)
+        failures += ["no masked vector within the SecAgg+ stage (dropped out)"] * dropped
         refused = {p.node_id: str(r.metrics.get("privacy.refusal", "no reason given")) for p, r in results
                    if r.num_examples == 0 or r.metrics.get("refused", 0)}
         row = {"round": server_round, "trained": len(trained), "refused": len(refused), "failed": len(failures),
@@ -398,11 +404,12 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
         strategy = build_legacy_strategy(settings, initial, fit_config, round_log.on_fit)
     rounds = int(federation.rounds)
     eval_per_round = federation.evaluated_per_round()
+    fit_workflow = build_workflow(
+        opts, round_log.on_halt, (settings.privacy.min_survivors or federation.stores_per_round) if distributed else None,
+    )
+    round_log.dropped = fit_workflow.dropped
     workflow = DefaultWorkflow(
-        fit_workflow=build_workflow(
-            opts, round_log.on_halt,
-            (settings.privacy.min_survivors or federation.stores_per_round) if distributed else None,
-        ),
+        fit_workflow=fit_workflow,
         evaluate_workflow=MessageEvaluation(names, dtypes, ConfigRecord(round_record), eval_per_round, round_log),
     )
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=rounds), strategy=strategy)

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from storefed.config.schema import FederationConfig, PrivacyConfig, StrategyConfig
 from storefed.privacy.central_dp import WEIGHT_KEY, CentralDP, check_privacy_options
 from storefed.server.screening import RoundScreening, screen_train_replies
+from storefed.update_codec import decode_update
 
 STRATEGIES = {"fedavg": FedAvg, "fedadam": FedAdam, "fedprox": FedProx, "fedmedian": FedMedian,
               "fedtrimmedavg": FedTrimmedAvg}
@@ -64,13 +65,14 @@ def build_strategy(
     if name not in STRATEGIES:
         raise ValueError(f"strategy.name={name!r} is unknown: choose one of {sorted(STRATEGIES)}")
     num_stores = int(federation_cfg.num_stores)
-    per_round = int(federation_cfg.stores_per_round)
+    configured = int(federation_cfg.stores_per_round)
     eval_per_round = federation_cfg.evaluated_per_round()
-    if not 1 <= per_round <= num_stores or not 0 <= eval_per_round <= num_stores:
+    if not 1 <= configured <= num_stores or not 0 <= eval_per_round <= num_stores:
         raise ValueError(
-            f"federation.stores_per_round={per_round} and eval_stores_per_round={eval_per_round} "
+            f"federation.stores_per_round={configured} and eval_stores_per_round={eval_per_round} "
             f"must lie in 1..num_stores={num_stores}"
         )
+    per_round = federation_cfg.sampled_per_round()  # stores_per_round, over-selected for dropouts
     privacy_cfg = privacy_cfg or PrivacyConfig()
     check_privacy_options(privacy_cfg, name, num_stores)
     central_mode = privacy_cfg.central
@@ -89,7 +91,8 @@ def build_strategy(
     )
     central = CentralDP(privacy_cfg, inner, per_round, num_stores) if central_mode != "none" else None
     return ScreenedStrategy(inner, expected, on_screened, on_round_end, central, federation_cfg.max_update_norm,
-                            round_offset, float(federation_cfg.round_timeout_s))
+                            round_offset, float(federation_cfg.round_timeout_s),
+                            federation_cfg.update_encoding != "float32")
 
 
 class ScreenedStrategy(Strategy):
@@ -109,8 +112,10 @@ class ScreenedStrategy(Strategy):
         max_update_norm: float | None = None,
         round_offset: int = 0,
         round_timeout_s: float | None = None,
+        encoded_updates: bool = False,
     ) -> None:
         super().__init__()
+        self.encoded_updates = encoded_updates  # federation.update_encoding != float32: decode before screening
         self.round_timeout_s = round_timeout_s
         self._asked: set[int] = set()  # nodes asked to train this round
         self.inner, self.expected, self.central, self.max_update_norm = inner, expected, central, max_update_norm
@@ -122,6 +127,10 @@ class ScreenedStrategy(Strategy):
         self.latest_arrays: ArrayRecord | None = None
         self._current = ArrayRecord()
         self._latest_train: dict[int, dict] = {}  # aggregated train metrics of rounds not yet evaluated
+
+    def start_round(self, arrays: ArrayRecord) -> None:
+        """The model this round starts from (set by ``configure_train``; harnesses that skip it call this)."""
+        self._current = arrays
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         if self.central:
@@ -136,6 +145,12 @@ class ScreenedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         replies = list(replies)
+        if self.encoded_updates:
+            start = self._current.to_torch_state_dict()
+            for msg in replies:
+                if not msg.has_error() and "arrays" in msg.content.array_records:
+                    decoded = decode_update(msg.content.array_records["arrays"].to_torch_state_dict(), start)
+                    msg.content["arrays"] = ArrayRecord(decoded)
         screening = screen_train_replies(replies, self.expected, self._current, self.max_update_norm)
         for node in sorted(self._asked - {m.metadata.src_node_id for m in replies}):
             screening.failed[node] = f"no reply within federation.round_timeout_s={self.round_timeout_s:g}"

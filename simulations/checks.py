@@ -32,6 +32,13 @@ def check_run(settings: RunConfig) -> None:
             secagg_options(privacy, federation)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if federation.overselect != 1 and (privacy.secure_aggregation or privacy.mode == "distributed"):
+        raise ConfigError(f"federation.overselect={federation.overselect:g} cannot be used with secure aggregation: "
+                          "SecAgg+ sizes its thresholds to federation.stores_per_round and tolerates dropouts within "
+                          "them (privacy.min_survivors); set federation.overselect=1")
+    if federation.update_encoding != "float32" and (privacy.secure_aggregation or privacy.mode == "distributed"):
+        raise ConfigError(f"federation.update_encoding={federation.update_encoding} cannot be used with secure "
+                          "aggregation: SecAgg+ already sends the update as integers of privacy.secagg_bits")
     check_simulation_delta(settings)
 
 

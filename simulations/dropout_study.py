@@ -27,21 +27,22 @@ BASE = ["task=recommender", "federation.num_stores=40", "federation.stores_per_r
 MODES: dict[str, list[str]] = {
     "no DP": ["privacy=none"],
     "local DP": [],
-    "client-level central DP": ["privacy.central=fixed", "privacy.central_noise_multiplier=0.3",
-                                "privacy.central_clipping_norm=5.0", "privacy.central_epsilon=1000"],
+    # adaptive clipping tracks the median update norm; noise 0.1 x that bound on the sum of 10 updates
+    "client-level central DP": ["privacy.central=adaptive", "privacy.central_noise_multiplier=0.1",
+                                "privacy.central_clipping_norm=1.0", "privacy.central_epsilon=10000"],
     "distributed DP (SecAgg+)": ["privacy.mode=distributed", "privacy.sample_rate=0.2"],
 }
 SLUGS = dict(zip(MODES, ("none", "local", "central", "distributed")))
 METRIC = "eval_hr@10"
 
 
-def run_once(out: Path, mode: str, overrides: list[str], rate: float, seed: int) -> dict:
-    run_dir = out / f"{SLUGS[mode]}-fail{rate:g}-seed{seed}"
+def run_once(out: Path, mode: str, overrides: list[str], rate: float, seed: int, overselect: float = 1.0) -> dict:
+    run_dir = out / f"{SLUGS[mode]}-fail{rate:g}-over{overselect:g}-seed{seed}"
     command = [sys.executable, "-m", "storefed", "simulate", *BASE, *overrides, f"seed={seed}",
-               f"federation.failure_rate={rate}", f"run_dir={run_dir}"]
+               f"federation.failure_rate={rate}", f"federation.overselect={overselect}", f"run_dir={run_dir}"]
     started = time.time()
     done = subprocess.run(command, capture_output=True, text=True)
-    row = {"mode": mode, "failure_rate": rate, "seed": seed, "exit": done.returncode,
+    row = {"mode": mode, "failure_rate": rate, "overselect": overselect, "seed": seed, "exit": done.returncode,
            "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)}
     if done.returncode != 0:
         return row | {"error": (done.stderr or done.stdout)[-500:]}
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rate", type=float, default=0.3)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--overselect", type=float, default=1.0,
+                        help="federation.overselect of the failing runs (e.g. 1.43 = 1 / (1 - 0.3))")
     parser.add_argument("--out", type=Path, default=Path("runs/dropouts"))
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
@@ -84,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         for seed in args.seeds:
             for rate in (0.0, args.rate):
-                row = run_once(args.out, mode, MODES[mode], rate, seed)
+                row = run_once(args.out, mode, MODES[mode], rate, seed, args.overselect if rate else 1.0)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    print(f"failing runs with federation.overselect={args.overselect:g}")
     print(table(rows, args.rate))
     return 0
 

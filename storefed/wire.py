@@ -27,7 +27,7 @@ RELEASE_KEY = "distributed-release"  # distributed fit config: "prior" in the ro
 # Every train reply's MetricRecord carries exactly these keys (refusals too, zero-filled).
 TRAIN_METRIC_KEYS = (
     NUM_EXAMPLES, "train_loss", "steps", "refused", "dp", "noise_multiplier", "sample_rate",
-    "epsilon_round", "epsilon_total", "epsilon_budget", "delta", "epsilon_person",
+    "epsilon_round", "epsilon_total", "epsilon_budget", "delta", "epsilon_person", "update_bytes",
 )
 
 
@@ -67,6 +67,7 @@ class RoundConfig:
     run_id: str = ""
     failure_rate: float = 0.0  # simulation only: share of merchants' train calls that fail on purpose
     failure_hang_s: float = 0.0  # > 0: an injected failure first hangs this long (past the round timeout)
+    update_encoding: str = "float32"  # storefed/update_codec.py: how the update is sent (after the DP noise)
 
     def to_record(self) -> dict[str, Any]:
         """Flat ``{dotted.key: scalar | list}`` (None omitted), the contents of a Flower ConfigRecord."""
@@ -90,6 +91,7 @@ class RoundConfig:
             run_id=str(record.get("run-id", "")),
             failure_rate=float(record.get("failure_rate", 0.0)),
             failure_hang_s=float(record.get("failure_hang_s", 0.0)),
+            update_encoding=str(record.get("update_encoding", "float32")),
         )
 
 

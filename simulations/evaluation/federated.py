@@ -46,6 +46,7 @@ class FederatedResult:
     trained: int = 0  # accepted updates over all rounds
     refused: int = 0
     planned_rounds: int = 0
+    train_metrics: list[dict] = field(default_factory=list)  # the aggregated train metrics, per round
 
 
 @contextlib.contextmanager
@@ -111,7 +112,9 @@ def run_federated(settings: RunConfig, run_dir: Path) -> FederatedResult:
                     result.epsilon_by_merchant[f"merchant-{int(partition):03d}"] = float(metrics["epsilon_total"])
                     result.noise_multipliers.append(float(metrics["noise_multiplier"]))
                 replies.append(reply)
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
+            strategy.start_round(arrays)  # what Flower's configure_train would have set
+            aggregated, metrics = strategy.aggregate_train(server_round, replies)
+            result.train_metrics.append(dict(metrics) if metrics else {})
             if aggregated is not None:
                 arrays = aggregated
     result.state = arrays.to_torch_state_dict()

@@ -8,6 +8,7 @@ Ranges are checked by :mod:`storefed.config.validate` when the config is compose
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -216,6 +217,16 @@ class FederationConfig:
     # round_timeout_s; the merchant answers, too late, with an error)
     failure_mode: str = "error"
     round_timeout_s: float = 3600.0  # seconds the coordinator waits for a round's replies; the rest count as failed
+    # sample ceil(stores_per_round x overselect) merchants per round, so that with dropouts about
+    # stores_per_round still reply (e.g. 1.43 for 30% failing); every reply that comes back is aggregated
+    overselect: float = 1.0
+    # how each merchant's update travels, compressed after the DP noise (post-processing):
+    # float32 | float16 (2x smaller) | int8 (stochastic rounding of the difference to the global model, ~4x)
+    update_encoding: str = "float32"
+
+    def sampled_per_round(self) -> int:
+        """Merchants asked to train each round (over-selected for dropouts)."""
+        return min(self.num_stores, math.ceil(self.stores_per_round * self.overselect - 1e-9))
 
     def evaluated_per_round(self) -> int:
         """Merchants that evaluate the global model each round."""

@@ -281,6 +281,12 @@ def _federation(federation: s.FederationConfig, cfg: Any) -> None:
     if federation.failure_mode not in ("error", "hang"):
         _fail("federation.failure_mode", federation.failure_mode, "choose error or hang")
     _positive("federation.round_timeout_s", federation.round_timeout_s)
+    if not (isinstance(federation.overselect, (int, float)) and 1 <= federation.overselect <= 10):
+        _fail("federation.overselect", federation.overselect, "must lie in [1, 10] (1: no over-selection)")
+    from storefed.update_codec import ENCODINGS
+
+    if federation.update_encoding not in ENCODINGS:
+        _fail("federation.update_encoding", federation.update_encoding, f"choose one of {' | '.join(ENCODINGS)}")
     if federation.failure_rate and isinstance(cfg, s.ServerRunConfig):
         _fail("federation.failure_rate", federation.failure_rate, "is for simulations: real merchants fail on their own")
     if federation.max_update_norm is not None:
