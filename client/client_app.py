@@ -10,9 +10,6 @@ only as a masked SecAgg+ vector.
 
 from __future__ import annotations
 
-import hashlib
-import time
-
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -20,6 +17,7 @@ from storefed.console import setup_console
 
 setup_console()  # every ClientApp process (Ray actors, flwr-clientapp): one handler, benign warnings off
 
+from storefed.client.fault_injection import fail_if_injected  # noqa: E402
 from storefed.client.secure_train import secure_aggregation_router  # noqa: E402
 from storefed.client.training_round import TrainOutcome, load_round, train_round  # noqa: E402
 from storefed.wire import ARRAYS, CONFIG, METRICS, PRIVACY, PROXIMAL_MU, SERVER_ROUND, RoundConfig  # noqa: E402
@@ -34,23 +32,12 @@ def _reply(msg: Message, outcome: TrainOutcome) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def injected_failure(config: RoundConfig, server_round: int, node_config: dict) -> bool:
-    """Whether this simulated merchant fails this round (``federation.failure_rate``), reproducibly."""
-    if config.failure_rate <= 0:
-        return False
-    digest = hashlib.sha256(f"{config.run_id}|{config.seed}|{server_round}|{node_config.get('partition-id')}".encode())
-    return int.from_bytes(digest.digest()[:8], "big") / 2**64 < config.failure_rate
-
-
 @app.train(mods=[secure_aggregation_router])
 def train(msg: Message, context: Context) -> Message:
     """One round of local training under DP (or a refusal)."""
     config = msg.content[CONFIG]
     round_config = RoundConfig.from_record(config)
-    if injected_failure(round_config, int(config[SERVER_ROUND]), dict(context.node_config)):
-        if round_config.failure_hang_s > 0:  # federation.failure_mode=hang: answer only after the round timed out
-            time.sleep(round_config.failure_hang_s)
-        raise RuntimeError(f"injected failure (federation.failure_rate={round_config.failure_rate:g})")
+    fail_if_injected(round_config, int(config[SERVER_ROUND]), dict(context.node_config))  # simulations only
     global_state = msg.content[ARRAYS].to_torch_state_dict()
     proximal_mu = float(config.get(PROXIMAL_MU, 0.0))  # sent by FedProx
     outcome = train_round(round_config, global_state, int(config[SERVER_ROUND]), proximal_mu, dict(context.node_config))

@@ -34,6 +34,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from storefed.client.distributed_round import distributed_share, prior_share, skellam_plan
+from storefed.client.fault_injection import fail_if_injected
 from storefed.client.training_round import train_round
 from storefed.privacy.skellam import noise_bound
 from storefed.wire import NUM_EXAMPLES, PROXIMAL_MU, RELEASE_KEY, SERVER_ROUND, SHARED_KEYS, RoundConfig
@@ -67,6 +68,7 @@ def secure_fit(msg: Message, context: Context) -> Message:
     if len(names) != len(arrays):
         raise ValueError(f"SecAgg+ fit: {len(arrays)} arrays but {len(names)} names in '{SHARED_KEYS}'")
     global_state = {name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays)}
+    fail_if_injected(round_config, int(config[SERVER_ROUND]), dict(context.node_config))  # a dropout, in simulation
     if round_config.privacy.mode == "distributed":
         return _distributed_fit(msg, context, round_config, global_state, arrays, int(config[SERVER_ROUND]),
                                 str(config.get(RELEASE_KEY, "")))

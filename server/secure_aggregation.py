@@ -148,11 +148,12 @@ class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.on_halt = on_halt  # (round, reason) -> None
         self.min_shares = min_shares
         self.dropped: dict[int, int] = {}  # round -> sampled merchants whose masked vector never arrived
+        self._asked = 0
 
     def __call__(self, grid: Grid, context: Context) -> None:
         state = WorkflowState()
         stages = (
-            ("setup", self.setup_stage),
+            ("setup", self._setup_then_count),
             ("share keys", self.share_keys_stage),
             ("collect masked vectors", self._collect_then_count),
             ("unmask", self.unmask_stage),
@@ -162,9 +163,14 @@ class LoggedSecAggPlusWorkflow(SecAggPlusWorkflow):
                 self.on_halt(_current_round(context), self._halt_reason(name, state))
                 return
 
+    def _setup_then_count(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ready = self.setup_stage(grid, context, state)
+        self._asked = len(getattr(state, "nid_to_fitins", None) or state.sampled_node_ids)  # sampled this round
+        return ready
+
     def _collect_then_count(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         collected = self.collect_masked_vectors_stage(grid, context, state)
-        self.dropped[_current_round(context)] = max(len(state.nid_to_fitins) - len(state.legacy_results), 0)
+        self.dropped[_current_round(context)] = max(self._asked - len(state.legacy_results), 0)
         if not collected:
             return False
         if self.min_shares is not None:  # distributed: every message carries a noise share
@@ -297,7 +303,8 @@ class SecureRoundLog:
 
     def on_halt(self, server_round: int, reason: str) -> None:
         self.halted[server_round] = reason
-        self.log.pending[server_round] = {"round": server_round, "secure_aggregation": f"skipped: {reason}"}
+        self.log.pending[server_round] = {"round": server_round, "secure_aggregation": f"skipped: {reason}",
+                                          "failed": self.dropped.get(server_round, 0)}
         self.log.note(f"  round {server_round}: SKIPPED, global model unchanged: {reason}")
         flwr_log(INFO, "StoreFed: round %s skipped: %s", server_round, reason)
 

@@ -4,8 +4,9 @@
 
 Sizes: each task's global model (what a merchant downloads) and its update as sent under each
 ``federation.update_encoding`` (a real encoded update of a DP-noised model: the payload bytes of
-the ArrayRecord). ``--quality`` also runs ``storefed simulate`` per encoding and seed, side by side,
-and reports the final HR@10 relative to float32. Prints one JSON line per row and a table.
+the ArrayRecord). ``--quality`` also runs a federation per encoding and seed, side by side (the in-process
+harness through the real ClientApp and strategy; ``--dp`` under local DP), and reports the final
+HR@10 of every store relative to float32. Prints one JSON line per row and a table.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +26,7 @@ from storefed.models.task import build_task
 from storefed.update_codec import ENCODINGS, encode_update, encoded_bytes
 
 QUALITY_BASE = ["task=recommender", "federation.num_stores=40", "federation.stores_per_round=10",
-                "federation.eval_stores_per_round=40", "federation.rounds=5", "data.generator.num_items=500"]
+                "federation.rounds=5", "data.generator.num_items=500"]
 
 
 def sizes(task_name: str, num_items: int) -> list[dict]:
@@ -47,17 +47,28 @@ def sizes(task_name: str, num_items: int) -> list[dict]:
     return rows
 
 
-def quality(encoding: str, seed: int, out: Path) -> dict:
-    run_dir = out / f"{encoding}-seed{seed}"
+def quality(encoding: str, seed: int, out: Path, private: bool) -> dict:
+    """Final pooled HR@10 of a federation run through the real ClientApp and strategy, in one process:
+    merchants sampled from the seed, so encodings differ only by what the wire carries (and, under DP,
+    by the noise draw)."""
+    from storefed.config.compose import resolve_for_privacy
+    from storefed.data.sources import load_simulated
+    from storefed.simulations.evaluation.federated import run_federated
+    from storefed.simulations.evaluation.methods import evaluate_model
+
+    overrides = [*QUALITY_BASE, f"seed={seed}", f"federation.update_encoding={encoding}",
+                 f"run_dir={out / f'{encoding}-seed{seed}-dp{int(private)}'}"] + ([] if private else ["privacy=none"])
+    settings = resolve_for_privacy(compose("simulate", overrides))
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", "storefed", "simulate", *QUALITY_BASE, f"seed={seed}",
-                           f"federation.update_encoding={encoding}", f"run_dir={run_dir}"],
-                          capture_output=True, text=True)
-    row = {"encoding": encoding, "seed": seed, "exit": done.returncode, "seconds": round(time.time() - started, 1)}
-    if done.returncode:
-        return row | {"error": done.stderr[-400:]}
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    return row | {"hr@10": summary["final_eval"].get("eval_hr@10")}
+    result = run_federated(settings, Path(settings.run_dir))
+    catalog, _ = load_simulated(settings.data, settings.seed, 0)
+    merchants = [load_simulated(settings.data, settings.seed, k)[1] for k in range(settings.federation.num_stores)]
+    task = build_task(settings.task, catalog, seed=settings.seed)
+    model = task.build_model()
+    model.load_state_dict(result.state, strict=False)
+    metrics = evaluate_model(task, model, merchants)
+    return {"encoding": encoding, "seed": seed, "dp": private, "hr@10": metrics["hr@10"],
+            "up_bytes": result.train_metrics[-1].get("update_bytes"), "seconds": round(time.time() - started, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, nargs="+", default=[1000, 50000])
     parser.add_argument("--quality", action="store_true")
+    parser.add_argument("--dp", action="store_true", help="--quality under local DP (default: without DP)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/comm"))
     args = parser.parse_args(argv)
@@ -76,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['task']} ({r['model']}) | {r['items']} | {r['encoding']} | {r['down_bytes']:,} | {r['up_bytes']:,} | "
               f"{r['up_ratio_vs_float32']:.2f}x |")
     if args.quality:
-        results = [quality(e, s, args.out) for s in args.seeds for e in ENCODINGS]
+        results = [quality(e, s, args.out, args.dp) for s in args.seeds for e in ENCODINGS]
         for row in results:
             print(json.dumps(row))
         base = statistics.mean(r["hr@10"] for r in results if r["encoding"] == "float32" and r.get("hr@10"))

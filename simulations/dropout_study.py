@@ -30,7 +30,10 @@ MODES: dict[str, list[str]] = {
     # adaptive clipping tracks the median update norm; noise 0.1 x that bound on the sum of 10 updates
     "client-level central DP": ["privacy.central=adaptive", "privacy.central_noise_multiplier=0.1",
                                 "privacy.central_clipping_norm=1.0", "privacy.central_epsilon=10000"],
-    "distributed DP (SecAgg+)": ["privacy.mode=distributed", "privacy.sample_rate=0.2"],
+    # noise shares sized so that 5 of the 10 sampled merchants' shares already carry the full noise;
+    # every merchant shares its SecAgg+ secrets with all others, any 4 shares reconstruct a dropout's mask
+    "distributed DP (SecAgg+)": ["privacy.mode=distributed", "privacy.sample_rate=0.2", "privacy.min_survivors=5",
+                                 "privacy.secagg_num_shares=10", "privacy.secagg_reconstruction_threshold=4"],
 }
 SLUGS = dict(zip(MODES, ("none", "local", "central", "distributed")))
 METRIC = "eval_hr@10"

@@ -12,6 +12,7 @@
     storefed audit [key=value ...]       one-run canary audit: empirical lower bound on epsilon
     storefed classify RUN_DIR TEXT ...   the run's exported review model on texts (label and score)
     storefed recommend RUN_DIR --history A,B --k 10   top-k catalog items of the run's recommender
+    storefed bench dp|comm|dropouts|load measurements, printed as JSON lines and a table
     storefed report RUN_DIR              report.md + self-contained report.html + plots/*.png (also written
                                          at the end of simulate, server and evaluate)
 
@@ -209,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
         child.add_argument("overrides", nargs="*", help="key=value overrides, e.g. task=review privacy.epsilon=3")
         child.set_defaults(root=root)
     sub.add_parser("classify", help="the run's exported review model on texts: storefed classify RUN_DIR TEXT ...")
+    sub.add_parser("bench", help="measurements side by side: storefed bench dp|comm|dropouts|load [--help]")
     sub.add_parser("report", help="Markdown + HTML report with plots for a run directory: storefed report RUN_DIR")
     sub.add_parser("recommend", help="a run's recommender: storefed recommend RUN_DIR --history ITEM,ITEM --k 10")
     return parser
@@ -219,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     setup_console(verbose=True if {"-v", "--verbose"} & set(argv) else None)  # before any library is imported
     if argv[:1] == ["classify"]:  # positional texts, no config keys
         return cmd_classify(argv[1:])
+    if argv[:1] == ["bench"]:  # measurements with their own options
+        from storefed.simulations.bench import run_bench_command
+
+        return run_bench_command(argv[1:])
     if argv[:1] == ["report"]:  # a run dir, no config keys
         from storefed.simulations.report import run_report_command
 

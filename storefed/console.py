@@ -39,7 +39,8 @@ BENIGN_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
 # Flower lines that say nothing actionable to a StoreFed user (shown with -v)
 FLOWER_NOISE = ("DEPRECATED FEATURE: The `run_simulation` function is deprecated",
                 "Manually terminating ClientAppActor",
-                "An exception was raised when processing a message by RayBackend")
+                "An exception was raised when processing a message by RayBackend",
+                "Restart from the setup stage")  # Flower's SecAgg+ mod after a round that did not finish
 
 _configured: bool | None = None  # the verbosity this process was set up with
 

@@ -316,3 +316,12 @@ def test_virtual_platform_grid_reports_customers_and_plots_the_dp_ratio(tmp_path
     printed = capsys.readouterr().out
     assert f"{customers[2]:,} customers: hr@10 ratio" in printed and (tmp_path / "ratio.png").is_file()
     assert plot_main([str(tmp_path / "r.png"), str(tmp_path / "missing")]) == 2
+
+
+def test_evaluate_writes_its_report_with_the_results_and_the_plot(recommender_run):
+    run_dir, _ = recommender_run
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith("# StoreFed evaluation report: recommender")
+    assert "K = 3 merchants, dirichlet partition" in report and "(plots/privacy_utility.png)" in report
+    page = (run_dir / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 1 and "<table>" in page

@@ -99,7 +99,7 @@ def test_distributed_dp_simulation_runs_over_secagg_with_population_level_epsilo
 def test_injected_failures_are_reproducible_counted_and_the_run_completes(tmp_path):
     """federation.failure_rate: about that share of train calls fail; the strategy aggregates the rest."""
     from conftest import base_settings
-    from storefed.client.client_app import injected_failure
+    from storefed.client.fault_injection import injected_failure
     from storefed.server.run_setup import round_config
     from storefed.simulations.evaluation.federated import run_federated
 
