@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             f"federation.rounds={args.rounds}", "task.epochs=1"), stdout=server_log, stderr=subprocess.STDOUT,
             env=env, start_new_session=True)
         procs.append(server)
+        while f"registered {args.merchants} merchant key(s)" not in (out / "server.log").read_text() \
+                and server.poll() is None and time.time() - started < 300:
+            time.sleep(0.5)  # a merchant that connects before its key is registered is refused for good
         for name, port in zip(names, node_ports):
             log = open(out / f"{name}.log", "w")
             procs.append(subprocess.Popen(_storefed(
