@@ -21,6 +21,7 @@ setup: $(BIN)/storefed
 
 # 100 virtual stores, 10 per round, 5 rounds: the recommender, then the review model, under DP.
 demo: setup
+	rm -rf runs/demo-recommender runs/demo-review  # the demo starts over (a used run_dir needs resume=true)
 	$(BIN)/storefed simulate task=recommender run_dir=runs/demo-recommender
 	$(BIN)/storefed simulate task=review run_dir=runs/demo-review
 
