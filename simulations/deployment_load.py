@@ -26,7 +26,8 @@ from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog,
 from storefed.flower_env import flower_env
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """n free TCP ports on 127.0.0.1 (bound, read, released)."""
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names):
         write_merchant_dir(generate_store(gen, i), catalog, out / name)
         (out / name / "catalog.csv").write_bytes((out / "catalog.csv").read_bytes())
-    fleet, control, *node_ports = _free_ports(2 + args.merchants)
+    fleet, control, *node_ports = free_ports(2 + args.merchants)
     env = flower_env()
     procs: list[subprocess.Popen] = []
     started, peak, code = time.time(), 0.0, None

@@ -49,6 +49,30 @@ def verbose_requested() -> bool:
     return os.environ.get(VERBOSE_ENV, "") == "1"
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+class _CurrentStream(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout``/``sys.stderr`` is at the time of each line (so a
+    replaced stream, e.g. a test's capture or a redirected console, never leaves it writing to a closed one)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    @property
+    def stream(self):  # noqa: D102
+        return getattr(sys, self._name)
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 class _DropFlowerNoise(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -70,7 +94,7 @@ def setup_console(verbose: bool | None = None, simulated_merchants: bool | None 
     verbose = verbose_requested()
     root = logging.getLogger()
     if not root.handlers:  # before Opacus is imported: its basicConfig then adds nothing
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStream("stderr")
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.WARNING)
@@ -81,12 +105,12 @@ def setup_console(verbose: bool | None = None, simulated_merchants: bool | None 
         if not any(isinstance(f, _DropFlowerNoise) for f in handler.filters) and not verbose:
             handler.addFilter(_DropFlowerNoise())
         if hasattr(handler, "colored"):  # Flower's ConsoleHandler: no colour codes in pipes and CI logs
-            handler.colored = bool(getattr(getattr(handler, "stream", None), "isatty", lambda: False)())
+            handler.colored = _is_terminal(getattr(handler, "stream", None))
     merchant = logging.getLogger(MERCHANT_LOGGER)
     quiet_merchants = os.environ.get(SIMULATED_ENV, "") == "1" and not verbose
     merchant.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet_merchants else logging.INFO)
     if not merchant.handlers:
-        line = logging.StreamHandler(sys.stdout)
+        line = _CurrentStream("stdout")
         line.setFormatter(logging.Formatter("%(message)s"))
         merchant.addHandler(line)
         merchant.propagate = False

@@ -6,7 +6,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,19 +20,10 @@ from storefed.data.merchant_files import write_catalog, write_merchant_dir
 from storefed.data.virtual_stores import StoreGeneratorConfig, generate_catalog, generate_store
 from storefed.flower_env import flower_env
 from storefed.privacy.accounting import epsilon_of
+from storefed.simulations.deployment_load import free_ports
 
 MERCHANTS = ("shop-a", "shop-b", "shop-c")
 BIN = Path(sys.executable).parent
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class Proc:
@@ -101,7 +91,7 @@ def world(tmp_path):
 
 def test_tls_deployment_runs_with_authorized_merchants_and_rejects_the_rest(world):
     tmp, certs, other, authorized = world
-    fleet, control, *node_ports = _free_ports(9)
+    fleet, control, *node_ports = free_ports(9)
     run_dir = tmp / "run"
     procs: list[Proc] = []
     try:
@@ -234,7 +224,7 @@ def test_renaming_the_data_directory_does_not_reset_the_budget(world, monkeypatc
 def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
     """``flwr run`` reports success on submission; the server must read the run's real final status."""
     tmp, _, _, _ = world
-    fleet, control, port = _free_ports(3)
+    fleet, control, port = free_ports(3)
     procs: list[Proc] = []
     try:
         server = Proc(_storefed(
@@ -263,7 +253,7 @@ def test_failed_deployment_run_exits_nonzero_and_insecure_server_warns(world):
 def test_tls_deployment_runs_distributed_dp_end_to_end(world):
     """privacy.mode=distributed over TLS gRPC with node auth: SecAgg+ carries the merchants' integer shares."""
     tmp, certs, _, authorized = world
-    fleet, control, *node_ports = _free_ports(5)
+    fleet, control, *node_ports = free_ports(5)
     run_dir = tmp / "run-distributed"
     procs: list[Proc] = []
     try:
