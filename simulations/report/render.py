@@ -68,11 +68,12 @@ def _person_table(run: FederationRun, limit: int = 10) -> list[str]:
     ordered = sorted(run.person, key=lambda r: -r["epsilon"])
     methods = {re.sub(r"k=\d+", "k=K", r["method"]) for r in ordered}
     ks = [re.search(r"k=(\d+)", r["method"]) for r in ordered[:limit]]
+    grouped = any(ks)  # a per-review task: show each merchant's K
     rows = [[r["merchant_id"]] + [_num(r["per_task"].get(t), 3) for t in tasks] + [_num(r["epsilon"], 3)]
-            + ([k.group(1)] if k else ["-"]) for r, k in zip(ordered[:limit], ks)]
+            + (([k.group(1)] if k else ["-"]) if grouped else []) for r, k in zip(ordered[:limit], ks)]
     units = {ledger.task: ledger.unit for ledger in run.ledgers}
     header = (["merchant"] + [f"{t} (per {units.get(t, '?')})" for t in tasks] + ["per customer, all tasks"]
-              + ["K (largest group of one customer's units)"])
+              + (["K (largest group of one customer's units)"] if grouped else []))
     delta = min(r["delta"] for r in run.person)
     note = (f"{len(ordered)} merchants with a ledger; the {min(limit, len(ordered))} with the largest per-customer "
             f"epsilon shown. delta={delta:g}. The per-customer column composes every task whose data holds the "
