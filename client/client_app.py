@@ -49,7 +49,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this merchant's held-out split (metrics are not DP-protected)."""
     round_config = RoundConfig.from_record(msg.content[CONFIG])
     task, model, data, device = load_round(
-        round_config, msg.content[ARRAYS].to_torch_state_dict(), dict(context.node_config)
+        round_config, msg.content[ARRAYS].to_torch_state_dict(), dict(context.node_config), keep_copy=True
     )
     metrics = task.evaluate(model.to(device), data, device)
     return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

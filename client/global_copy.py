@@ -1,6 +1,7 @@
 """A deployed merchant keeps the latest global model it received, usable on its own machine.
 
-Every evaluate message carries the global model after the round's aggregation; a merchant agent
+Every evaluate message carries the global model after the round's aggregation (train messages
+carry the model a round starts from, so they are not saved); a merchant agent
 (node config with ``ledger-dir`` and ``catalog``, written by ``storefed merchant``) saves it to
 ``<ledger dir>/global_model/<task>/`` (the same files as a run directory: weights, config, and for
 the review model the pipeline folder), so ``storefed recommend`` and ``storefed classify`` work on

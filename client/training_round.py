@@ -48,16 +48,20 @@ class TrainOutcome:
 
 
 def load_round(
-    config: RoundConfig, global_state: dict[str, torch.Tensor], node_config: dict[str, Any]
+    config: RoundConfig, global_state: dict[str, torch.Tensor], node_config: dict[str, Any], keep_copy: bool = False
 ) -> tuple[Task, torch.nn.Module, MerchantData, torch.device]:
-    """This node's task, the global model loaded with ``global_state``, its data and device."""
+    """This node's task, the global model loaded with ``global_state``, its data and device.
+
+    ``keep_copy`` (evaluate messages, which carry the model after aggregation): a deployed merchant
+    also saves ``global_state`` as its latest copy (client/global_copy.py)."""
     catalog, data = load_for_node(config.data, config.seed, node_config)
     device = choose_device(config.device)
     task = build_task(config.task, catalog, seed=config.seed, privacy_unit=config.privacy.unit,
                       cache_dir=private_cache_dir(config.privacy, node_config), device=device)
     model = task.build_model()
     model.load_state_dict(global_state, strict=False)
-    keep_latest_global(config, task, global_state, node_config, catalog.num_items)  # deployed merchants only
+    if keep_copy:
+        keep_latest_global(config, task, global_state, node_config, catalog.num_items)  # deployed merchants only
     return task, model, data, device
 
 
@@ -209,4 +213,4 @@ def shared_arrays(task: Task, model: torch.nn.Module, start: dict[str, torch.Ten
     """The task's shared tensors, encoded for the wire (``federation.update_encoding``; after the DP noise)."""
     state = model.state_dict()
     tensors = {key: state[key].detach().cpu() for key in task.shared_keys(model)}
-    return ArrayRecord(encode_update(tensors, start or {}, encoding) if encoding != "float32" else tensors)
+    return ArrayRecord(encode_update(tensors, start or {}, encoding))

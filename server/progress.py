@@ -20,7 +20,7 @@ from typing import Protocol
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-TASK_METRIC = {"recommender": "hr@10", "review": "macro_f1"}  # the column the round table shows
+from storefed.wire import PRIMARY_METRIC
 
 
 class RoundDisplay(Protocol):
@@ -73,7 +73,7 @@ class RichDisplay:
         from rich.table import Table
 
         table = Table(title=f"{self.task}: finished rounds", title_justify="left", expand=False, pad_edge=False)
-        metric = TASK_METRIC.get(self.task, "metric")
+        metric = PRIMARY_METRIC.get(self.task, "metric")
         for name in ("round", "trained", "refused", "failed", "rejected", "loss", metric,
                      f"eps max (per {self.unit})", "eps median"):
             table.add_column(name, justify="right")

@@ -51,14 +51,13 @@ def quality(encoding: str, seed: int, out: Path, private: bool) -> dict:
     """Final pooled HR@10 of a federation run through the real ClientApp and strategy, in one process:
     merchants sampled from the seed, so encodings differ only by what the wire carries (and, under DP,
     by the noise draw)."""
-    from storefed.config.compose import resolve_for_privacy
     from storefed.data.sources import load_simulated
     from storefed.simulations.evaluation.federated import run_federated
     from storefed.simulations.evaluation.methods import evaluate_model
 
     overrides = [*QUALITY_BASE, f"seed={seed}", f"federation.update_encoding={encoding}",
                  f"run_dir={out / f'{encoding}-seed{seed}-dp{int(private)}'}"] + ([] if private else ["privacy=none"])
-    settings = resolve_for_privacy(compose("simulate", overrides))
+    settings = compose("simulate", overrides)
     started = time.time()
     result = run_federated(settings, Path(settings.run_dir))
     catalog, _ = load_simulated(settings.data, settings.seed, 0)

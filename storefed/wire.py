@@ -25,6 +25,7 @@ NUM_EXAMPLES = "num-examples"
 RELEASE_KEY = "distributed-release"  # distributed fit config: "prior" in the round that releases a DP statistic
 
 # Every train reply's MetricRecord carries exactly these keys (refusals too, zero-filled).
+PRIMARY_METRIC = {"recommender": "hr@10", "review": "macro_f1"}  # each task's headline evaluation metric
 TRAIN_METRIC_KEYS = (
     NUM_EXAMPLES, "train_loss", "steps", "refused", "dp", "noise_multiplier", "sample_rate",
     "epsilon_round", "epsilon_total", "epsilon_budget", "delta", "epsilon_person", "update_bytes",

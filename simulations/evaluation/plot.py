@@ -12,7 +12,8 @@ import io
 from pathlib import Path
 
 from storefed.atomic_files import atomic_write_bytes
-from storefed.simulations.evaluation.report import METHOD_LABELS, PRIMARY
+from storefed.simulations.evaluation.report import METHOD_LABELS
+from storefed.wire import PRIMARY_METRIC
 
 CURVES = {"federated_dp": ("tab:blue", "o"), "centralized_dp": ("tab:orange", "s"),
           "federated_dp_distributed": ("tab:green", "^")}
@@ -33,7 +34,7 @@ def privacy_utility_plot(path: Path, task: str, summary: list[dict], unit: str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = PRIMARY[task]
+    metric = PRIMARY_METRIC[task]
     ks = sorted({s["num_merchants"] for s in summary})
     partitions = sorted({s["partition"] for s in summary})
     fig, axes = plt.subplots(len(ks), len(partitions), figsize=(max(7.0, 5.2 * len(partitions)), 3.6 * len(ks) + 1.6), squeeze=False)
@@ -81,7 +82,7 @@ def dp_ratio_by_customers(path: Path, task: str, rows: list[dict], delta: float,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = PRIMARY[task]
+    metric = PRIMARY_METRIC[task]
     ratios = dp_ratios(rows, metric, private, reference)
     if not ratios:
         return None
@@ -145,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         print("plot: the runs lack federated and federated_dp_distributed rows", file=sys.stderr)
         return 2
-    for (epsilon, customers), ratio in sorted(dp_ratios(rows, PRIMARY[task], "federated_dp_distributed",
+    for (epsilon, customers), ratio in sorted(dp_ratios(rows, PRIMARY_METRIC[task], "federated_dp_distributed",
                                                         "federated").items()):
-        print(f"epsilon {epsilon:g}, {customers:,.0f} customers: {PRIMARY[task]} ratio {ratio:.3f}")
+        print(f"epsilon {epsilon:g}, {customers:,.0f} customers: {PRIMARY_METRIC[task]} ratio {ratio:.3f}")
     print(f"plot: wrote {out}")
     return 0
 

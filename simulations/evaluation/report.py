@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from storefed.atomic_files import atomic_write_text
+from storefed.wire import PRIMARY_METRIC
 
-PRIMARY = {"recommender": "hr@10", "review": "macro_f1"}
 GROUP_KEYS = ("num_merchants", "partition", "method", "epsilon")
 INFO_KEYS = ("delta", "unit", "accountant", "private")
 METHOD_LABELS = {
@@ -43,7 +43,7 @@ def metric_keys(task: str, rows: list[dict]) -> list[str]:
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row["metrics"] if k not in keys]
-    primary = PRIMARY[task]
+    primary = PRIMARY_METRIC[task]
     return sorted(keys, key=lambda k: (k != primary, k.startswith("sampled"), k))
 
 
@@ -117,7 +117,7 @@ def targets(task: str, summary: list[dict]) -> str:
     HR@10 and beats local-only and popularity. Review: federated DP at the largest epsilon is
     within 5 points macro-F1 of centralized non-private.
     """
-    metric = PRIMARY[task]
+    metric = PRIMARY_METRIC[task]
     epsilons = sorted({s["epsilon"] for s in summary if s["method"] == "federated_dp"})
     if not epsilons:
         return ""

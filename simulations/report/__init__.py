@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from storefed.atomic_files import atomic_write_text
+from storefed.atomic_files import atomic_write_bytes, atomic_write_text
 from storefed.privacy.ledger import LedgerError
 from storefed.simulations.report import figures
 from storefed.simulations.report.render import evaluation_markdown, federation_markdown, sweep_markdown, to_html
@@ -101,8 +101,6 @@ def write_report(run_dir: Path | str) -> ReportFiles:
 
 
 def _copy_into(path: Path, plots: Path) -> Path:
-    from storefed.atomic_files import atomic_write_bytes
-
     target = plots / path.name
     atomic_write_bytes(target, path.read_bytes())
     return target

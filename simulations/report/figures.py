@@ -16,11 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from storefed.atomic_files import atomic_write_bytes  # noqa: E402
 from storefed.simulations.report.run_data import MerchantLedger  # noqa: E402
+from storefed.wire import PRIMARY_METRIC  # noqa: E402
 
-TASK_METRICS = {  # (metric, its baseline at the merchants) per task
-    "recommender": ("hr@10", "local_pop_hr@10"),
-    "review": ("macro_f1", "local_majority_macro_f1"),
-}
+BASELINE_METRIC = {"recommender": "local_pop_hr@10", "review": "local_majority_macro_f1"}  # at the merchants
+TASK_METRICS = {task: (metric, BASELINE_METRIC[task]) for task, metric in PRIMARY_METRIC.items()}
 BASELINE_LABELS = {"local_pop_hr@10": "each merchant's own popularity list",
                    "local_majority_macro_f1": "each merchant's own majority class"}
 
