@@ -31,7 +31,7 @@ from storefed.privacy.accounting import plan_noise_multiplier
 from storefed.privacy.delta_check import delta_problem
 from storefed.privacy.dp_sgd import plan_sampling, unwrap
 from storefed.privacy.ledger import PrivacyLedger, local_record, open_ledger
-from storefed.privacy.person_budget import person_refusal
+from storefed.privacy.person_budget import person_refusal, task_share
 from storefed.update_codec import encode_update
 from storefed.wire import NUM_EXAMPLES, TRAIN_METRIC_KEYS, MerchantPrivacy, RoundConfig
 
@@ -82,6 +82,9 @@ def merchant_privacy(proposed: MerchantPrivacy, node_config: dict[str, Any]) -> 
     for key in ("epsilon", "person_epsilon", "delta"):
         if key in own:
             own[key] = float(own[key])
+    if "person_epsilon" in own and "epsilon" not in own and proposed.enabled:  # its own person budget, split
+        share = task_share(own["person_epsilon"], proposed.person_tasks, own.get("delta", proposed.delta))
+        own["epsilon"] = min(proposed.epsilon, share)
     return dataclasses.replace(proposed, **own)
 
 

@@ -10,11 +10,17 @@ Split (leave-last-out): a customer with >= 3 interactions is a test customer; th
 interaction is held out. Training uses every other interaction of every customer with >= 2.
 ``task.holdout=validation`` first drops every test item, then holds out the last remaining one:
 hyperparameters are chosen on those validation items, never on test items.
+
+``task.item_buckets > 0``: hashed item tables (``models/hashed_items.py``) whose size does not
+depend on the catalog, trained with a sampled softmax when the catalog has more than
+``task.sampled_negatives`` items (see :meth:`RecommenderTask.forward`), and evaluated by exact
+full ranking in chunks of :data:`ITEM_CHUNK` items.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 
 import numpy as np
 import torch
@@ -23,6 +29,7 @@ from torch.utils.data import Dataset
 
 from storefed.config.schema import RecommenderConfig
 from storefed.data.schema import Catalog, MerchantData
+from storefed.models.hashed_items import HashedHistoryRecommender, sampled_negatives
 
 PAD = 0  # item index 0 is padding; catalog item i is embedded at i + 1
 
@@ -197,11 +204,76 @@ def evaluate_scores(
     return {**ranking_metrics(full, k), **ranking_metrics(sampled, k, prefix=f"sampled{num_sampled}_")}
 
 
+ITEM_CHUNK = 65536  # items scored at once by the chunked full ranking
+
+
+def chunked_ranks(
+    state, score_of, histories: list[np.ndarray], targets: list[int], num_items: int, chunk_items: int = ITEM_CHUNK
+) -> torch.Tensor:
+    """0-based full-ranking rank of each target among all catalog items not in its history.
+
+    ``state`` is a tuple of per-row tensors (or None) from which ``score_of(state, items)`` scores
+    ``items`` (``(C,)`` shared, or ``(B, C)`` per row) as ``(B, C)``. The rank is the count, over all
+    chunks of ``chunk_items`` items, of non-history items scoring at least as high as the target
+    (ties against the target), minus one: the same as :func:`rank_of_targets` over all items at once
+    as long as an item's score does not depend on which other items are scored with it."""
+    device = next(s for s in state if s is not None).device
+    target_scores = score_of(state, torch.as_tensor(targets, dtype=torch.long, device=device).view(-1, 1))
+    target_scores = target_scores.float().cpu()
+    seen = [np.setdiff1d(h, [t]) for h, t in zip(histories, targets)]
+    counts = torch.zeros(len(targets), dtype=torch.long)
+    for lo in range(0, num_items, chunk_items):
+        hi = min(lo + chunk_items, num_items)
+        scores = score_of(state, torch.arange(lo, hi, device=device)).float().cpu()
+        for row, items in enumerate(seen):
+            inside = items[(items >= lo) & (items < hi)]
+            scores[row, torch.as_tensor(inside - lo, dtype=torch.long)] = -math.inf
+        counts += (scores >= target_scores).sum(1)
+    return counts - 1
+
+
+def evaluate_chunked(
+    state_of, score_of, test: list[tuple[np.ndarray, int]], num_items: int, k: int, num_sampled: int, seed: int,
+    chunk_items: int = ITEM_CHUNK,
+) -> dict[str, float]:
+    """The metrics of :func:`evaluate_scores` without ever holding more than ``256 x chunk_items`` scores
+    (full ranks from :func:`chunked_ranks`; ``state_of(histories)`` gives its ``state``). The sampled-N
+    protocol draws the same candidates as :func:`evaluate_scores` (same generator, same order)."""
+    rng = np.random.default_rng(seed)
+    full_ranks, sampled_ranks = [], []
+    for start in range(0, len(test), 256):
+        chunk = test[start : start + 256]
+        state = state_of([h for h, _ in chunk])
+        device = next(s for s in state if s is not None).device
+        full_ranks.append(chunked_ranks(state, score_of, [h for h, _ in chunk], [t for _, t in chunk], num_items,
+                                        chunk_items))
+        for row, (h, t) in enumerate(chunk):
+            candidates = np.setdiff1d(np.arange(num_items), np.append(h, t))
+            negatives = rng.choice(candidates, size=min(num_sampled, len(candidates)), replace=False)
+            cand = torch.as_tensor(np.append(t, negatives), dtype=torch.long, device=device).unsqueeze(0)
+            row_state = tuple(None if s is None else s[row : row + 1] for s in state)
+            scores = score_of(row_state, cand).float().cpu()
+            sampled_ranks.append(rank_of_targets(scores, torch.zeros(1, dtype=torch.long)))
+    full = torch.cat(full_ranks) if full_ranks else torch.zeros(0)
+    sampled = torch.cat(sampled_ranks) if sampled_ranks else torch.zeros(0)
+    return {**ranking_metrics(full, k), **ranking_metrics(sampled, k, prefix=f"sampled{num_sampled}_")}
+
+
 def popularity_scorer(train_histories: list[np.ndarray], num_items: int):
     """Score function of the popularity baseline: item counts in the training histories."""
     counts = np.bincount(np.concatenate(train_histories), minlength=num_items) if train_histories else np.zeros(num_items)
     pop = torch.as_tensor(counts, dtype=torch.float32)
     return lambda histories: pop.expand(len(histories), -1).clone()
+
+
+def popularity_lookup(pop: torch.Tensor):
+    """``score_of`` of :func:`chunked_ranks` for the popularity baseline (``state``: one empty row per customer)."""
+
+    def score_of(state, items: torch.Tensor) -> torch.Tensor:
+        rows = state[0].shape[0]
+        return pop[items].expand(rows, -1) if items.dim() == 1 else pop[items]
+
+    return score_of
 
 
 class RecommenderTaskBase:
@@ -244,10 +316,22 @@ class RecommenderTaskBase:
             batch = torch.stack([pad_history(h, self.max_history) for h in histories]).to(device)
             return model(batch).cpu()
 
-        metrics = evaluate_scores(model_scores, test, self.num_items, self.k, self.num_sampled, self.seed)
-        baseline = evaluate_scores(
-            popularity_scorer(train, self.num_items), test, self.num_items, self.k, self.num_sampled, self.seed
-        )
+        if isinstance(model, HashedHistoryRecommender):  # exact full ranking, ITEM_CHUNK items at a time
+            @torch.no_grad()
+            def state_of(histories: list[np.ndarray]):
+                batch = torch.stack([pad_history(h, self.max_history) for h in histories]).to(device)
+                return model.score_state(model.encode(batch))
+
+            metrics = evaluate_chunked(state_of, torch.no_grad()(model.score_from), test, self.num_items, self.k,
+                                       self.num_sampled, self.seed)
+            pop = popularity_scorer(train, self.num_items)([np.zeros(0)])[0]
+            baseline = evaluate_chunked(lambda histories: (torch.zeros(len(histories), 0),), popularity_lookup(pop),
+                                        test, self.num_items, self.k, self.num_sampled, self.seed)
+        else:
+            metrics = evaluate_scores(model_scores, test, self.num_items, self.k, self.num_sampled, self.seed)
+            baseline = evaluate_scores(
+                popularity_scorer(train, self.num_items), test, self.num_items, self.k, self.num_sampled, self.seed
+            )
         metrics.update({f"local_pop_{key}": value for key, value in baseline.items()})
         metrics["num-examples"] = len(test)
         return metrics
@@ -260,9 +344,23 @@ class RecommenderTask(RecommenderTaskBase):
         super().__init__(cfg, catalog, seed, privacy_unit)
         self.dim = cfg.embedding_dim
         self.item_categories = category_index(catalog) if cfg.catalog_features else None
+        self.item_buckets, self.item_hashes = int(cfg.item_buckets), int(cfg.item_hashes)
+        self.num_negatives = int(cfg.sampled_negatives)
+        self.sampled = self.item_buckets > 0 and self.num_items > self.num_negatives
+        if self.sampled and cfg.objective == "multinomial":
+            raise ValueError(
+                f"task.objective=multinomial needs the full softmax over the catalog, but the catalog has "
+                f"{self.num_items} items > task.sampled_negatives={self.num_negatives}: use objective=next_item, "
+                f"or raise task.sampled_negatives to at least {self.num_items} (memory grows with it)"
+            )
+        # negatives (see forward): fresh randomness that never sees data, seeded from the OS like the DP noise
+        self.negatives_rng = torch.Generator().manual_seed(secrets.randbits(63))
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
+        if self.item_buckets > 0:
+            return HashedHistoryRecommender(self.num_items, self.dim, self.item_buckets, self.item_hashes,
+                                            self.item_categories)
         return HistoryRecommender(self.num_items, self.dim, self.item_categories)
 
     def train_dataset(self, data: MerchantData) -> Dataset:
@@ -275,9 +373,31 @@ class RecommenderTask(RecommenderTaskBase):
 
     def apply_prior(self, state: dict[str, torch.Tensor], noisy_sum: np.ndarray) -> dict[str, torch.Tensor]:
         """The output bias set to log(1 + released popularity) (negative noisy counts read as 0)."""
+        if self.item_buckets > 0:
+            raise ValueError("task.popularity_prior=true sets one output bias per item: it needs task.item_buckets=0")
         bias = torch.from_numpy(np.log1p(np.clip(noisy_sum, 0.0, None))).to(state["output.bias"].dtype)
         return dict(state) | {"output.bias": bias}
 
     def forward(self, model: nn.Module, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets). Full softmax over the catalog, except with hashed tables on a catalog of
+        more than ``task.sampled_negatives`` items: a sampled softmax over each row's target (column 0,
+        so the targets are all 0) and ``N = task.sampled_negatives`` negatives drawn uniformly from the
+        catalog once per batch and shared by every row (accidental hits masked to -inf).
+
+        Why per-sample clipping stays a valid per-customer DP bound: the negatives come from a
+        generator that never sees data (not the batch, not its size), so for one step they are a
+        random choice of the loss function made independently of the data and of every earlier step
+        (each step uses fresh draws; the generator is seeded from the OS, so even the number of
+        earlier non-empty batches cannot be read from them). Given them, row b's loss is a function of
+        row b's history and target only (its own candidates' scores and its own hit mask): changing or
+        removing another customer changes nothing in row b's loss or gradient, and each row's gradient
+        is clipped to C as usual, so each fixed choice is the usual sampled Gaussian mechanism with
+        sensitivity C, and a data-independent mixture over choices is no less private (joint
+        convexity of exp((alpha - 1) D_alpha)): the accountant's epsilon is unchanged. Uniform
+        sampling needs no logQ correction (it is the same constant for every candidate)."""
         history, target = batch
-        return model(history.to(device)), target.to(device)
+        if not self.sampled:
+            return model(history.to(device)), target.to(device)
+        negatives = sampled_negatives(self.num_items, self.num_negatives, self.negatives_rng).to(device)
+        logits = model(history.to(device), negatives, target.to(device))
+        return logits, torch.zeros(len(target), dtype=torch.long, device=device)

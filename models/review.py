@@ -102,7 +102,7 @@ class MeanPooledBertClassifier(nn.Module):
         return self.classifier((hidden * mask).sum(2) / mask.sum(2).clamp(min=1.0))
 
 
-PRIVACY_UNITS = ("review", "user")
+PRIVACY_UNITS = ("review", "user", "reviewer")
 ENCODERS = ("frozen", "lora", "scratch")
 LABEL_NAMES = {"polarity": ("negative", "positive"), "three_class": ("negative", "neutral", "positive")}
 
@@ -110,7 +110,7 @@ LABEL_NAMES = {"polarity": ("negative", "positive"), "three_class": ("negative",
 class ReviewTaskBase:
     """What every review model shares: labels, the deterministic split, class weights, the DP unit.
 
-    Reviewer level (``privacy_unit=user``): one DP sample is one reviewer's ``max_reviews_per_user``
+    Reviewer level (``privacy_unit=user``, the default): one DP sample is one reviewer's ``max_reviews_per_user``
     most recent training reviews (older ones are not used), so the clipping norm bounds everything
     one reviewer contributes to an update; the loss is the mean over that reviewer's reviews.
     """
@@ -119,10 +119,11 @@ class ReviewTaskBase:
 
     def __init__(self, cfg: ReviewConfig, catalog: Catalog, seed: int = 0, privacy_unit: str | None = None) -> None:
         self.cfg = cfg
-        unit = privacy_unit or "review"
+        # default: one reviewer, so a customer's budget composes without group privacy (lora: per review only)
+        unit = privacy_unit or ("review" if cfg.encoder == "lora" else "user")
         if unit not in PRIVACY_UNITS:
             raise ValueError(f"privacy.unit={unit!r} is not available for the review model: choose review or user")
-        self.per_reviewer = unit == "user"
+        self.per_reviewer = unit in ("user", "reviewer")
         self.privacy_unit = "reviewer" if self.per_reviewer else "review"
         self.max_reviews_per_user = cfg.max_reviews_per_user
         if self.max_reviews_per_user < 1:

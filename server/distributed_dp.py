@@ -17,6 +17,7 @@ import torch
 
 from storefed.config.schema import RunConfig
 from storefed.config.validate import noise_multiplier_value
+from storefed.privacy.person_budget import task_epsilon
 from storefed.privacy.skellam import SkellamPlan, choose_gamma, decode, plan_noise
 
 DEFAULT_SAMPLE_RATE = 0.05
@@ -49,13 +50,13 @@ def prior_plan(settings: RunConfig, dim: int) -> SkellamPlan | None:
         return SkellamPlan(dim, 1.0, task.prior_noise_multiplier, gamma, noise_shares(settings))
     privacy = settings.privacy
     fraction = task.resolved(private=True).prior_budget_fraction
-    return plan_noise(fraction * privacy.epsilon, privacy.delta, 1.0, 1, dim, 1.0,
+    return plan_noise(fraction * task_epsilon(privacy), privacy.delta, 1.0, 1, dim, 1.0,
                       noise_shares(settings), privacy.rounding_overhead)
 
 
 def distributed_plan(settings: RunConfig, dim: int, prior: SkellamPlan | None = None) -> SkellamPlan:
     """The public Skellam plan of every round: noise planned so the planned rounds (after the prior
-    release, if any) fit ``privacy.epsilon``."""
+    release, if any) fit the task's budget (``privacy.epsilon`` or its share of ``privacy.person_epsilon``)."""
     privacy = settings.privacy
     noise = noise_multiplier_value(privacy.noise_multiplier)
     if noise is not None:
@@ -63,7 +64,7 @@ def distributed_plan(settings: RunConfig, dim: int, prior: SkellamPlan | None = 
         return SkellamPlan(dim, privacy.max_grad_norm, noise, gamma, noise_shares(settings))
     rounds = 1 if released_model(settings) else privacy.planned_rounds or settings.federation.rounds
     spent = [(prior, 1.0, 1)] if prior is not None else []
-    return plan_noise(privacy.epsilon, privacy.delta, sample_rate(settings), rounds, dim, privacy.max_grad_norm,
+    return plan_noise(task_epsilon(privacy), privacy.delta, sample_rate(settings), rounds, dim, privacy.max_grad_norm,
                       noise_shares(settings), privacy.rounding_overhead, spent)
 
 

@@ -21,6 +21,7 @@ from storefed.config.validate import ConfigError, noise_multiplier_value
 from storefed.data.schema import Catalog
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import Task, build_task
+from storefed.privacy.person_budget import task_epsilon
 from storefed.privacy.skellam import SkellamPlan
 from storefed.server.checkpoint import load_checkpoint, owner, run_owner_alive
 from storefed.wire import MerchantPrivacy, RoundConfig
@@ -44,8 +45,9 @@ def merchant_privacy(privacy: PrivacyConfig, federation: FederationConfig, run_d
     """The merchant-side privacy settings proposed for this run (a merchant may lower budget or delta)."""
     return MerchantPrivacy(
         enabled=privacy.enabled,
-        epsilon=privacy.epsilon,
+        epsilon=task_epsilon(privacy),
         person_epsilon=privacy.person_epsilon,
+        person_tasks=len(privacy.person_tasks),
         delta=privacy.delta,
         unit=privacy.unit,
         max_grad_norm=privacy.max_grad_norm,
@@ -150,7 +152,7 @@ def check_run_dir(settings: RunConfig, run_dir: Path) -> None:
         changed = sorted(k for k in before.keys() | now.keys() if k not in ("resume", "run_dir")
                          and before.get(k) != now.get(k))
         if changed:
-            shown = ", ".join(f"{k}={now.get(k)!r} (was {before.get(k)!r})" for k in changed[:5])
+            shown = ", ".join(f"{k}={_value(now.get(k))} (was {_value(before.get(k))})" for k in changed[:5])
             raise ConfigError(f"resume=true must keep the run's settings, but {shown} changed: resume with the "
                               "original settings, or start a new run_dir")
     load_checkpoint(run_dir)  # a damaged checkpoint is refused here, before anything starts
@@ -171,3 +173,8 @@ def check_someone_trained(rounds: int, trained: int, refusals: list[str]) -> Non
     if trained == 0:
         reason = refusals[0] if refusals else "no merchant replied with an update"
         raise RunFailed(f"no merchant trained in any of the {rounds} round(s); e.g. {reason}")
+
+
+def _value(value: object) -> str:
+    """A config value as the user writes it in an override (null, not None)."""
+    return "null" if value is None else repr(value)

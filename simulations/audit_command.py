@@ -65,6 +65,7 @@ def build_plan(cfg: AuditConfig) -> AuditPlan:
     from storefed.data.virtual_stores import generate_catalog, generate_store
     from storefed.privacy.accounting import check_accountant
     from storefed.privacy.dp_sgd import GRAD_SAMPLE_MODES
+    from storefed.privacy.person_budget import task_epsilon
 
     task, privacy, data = cfg.task, dataclasses.asdict(cfg.privacy), cfg.data
     audit = dataclasses.asdict(cfg.audit)
@@ -99,9 +100,9 @@ def build_plan(cfg: AuditConfig) -> AuditPlan:
     epochs = _int(task.epochs if audit["epochs"] is None else audit["epochs"], "audit.epochs", 1)
     batch_size = _int(task.batch_size, "task.batch_size", 1)
     private = bool(privacy["enabled"])
-    epsilon, delta = float(privacy["epsilon"]), float(privacy["delta"])
+    epsilon, delta = task_epsilon(cfg.privacy), float(privacy["delta"])
     if private:
-        epsilon = _float(privacy["epsilon"], "privacy.epsilon", 0.0, math.inf, "a finite number > 0, e.g. 8")
+        epsilon = _float(epsilon, "privacy.epsilon", 0.0, math.inf, "a finite number > 0, e.g. 8")
         delta = _float(privacy["delta"], "privacy.delta", 0.0, 1.0, "strictly between 0 and 1, e.g. 1e-5")
         try:
             check_accountant(str(privacy["accountant"]))

@@ -6,6 +6,8 @@
     storefed bench dropouts  final quality with 30% of merchants failing, per privacy mode
                              (simulations/dropout_study.py)
     storefed bench load      a loopback TLS deployment with N merchant processes (simulations/deployment_load.py)
+    storefed bench catalog   model / update size, peak memory and step time, full-table vs hashed item tables,
+                             at 50k and 1M catalog items (simulations/catalog_bench.py)
 
 ``storefed bench NAME --help`` lists each one's options.
 """
@@ -20,6 +22,7 @@ BENCHES = {
     "comm": "storefed.simulations.comm_bench",
     "dropouts": "storefed.simulations.dropout_study",
     "load": "storefed.simulations.deployment_load",
+    "catalog": "storefed.simulations.catalog_bench",
 }
 
 

@@ -218,7 +218,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    setup_console(verbose=True if {"-v", "--verbose"} & set(argv) else None)  # before any library is imported
+    deployed = argv[:1] in (["server"], ["merchant"])  # real merchants' round lines always show (not inherited)
+    setup_console(verbose=True if {"-v", "--verbose"} & set(argv) else None,  # before any library is imported
+                  simulated_merchants=False if deployed else None)
     if argv[:1] == ["classify"]:  # positional texts, no config keys
         return cmd_classify(argv[1:])
     if argv[:1] == ["bench"]:  # measurements with their own options

@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+_PROCESS_RAY_TOKEN = secrets.token_hex(32)  # this process's Ray token (never written to disk)
+
 
 def flwr_bin(name: str) -> str:
     """A Flower executable of this interpreter's environment (or from PATH)."""
@@ -38,5 +40,5 @@ def prepare_simulation_environment(home: Path) -> None:
     os.environ.setdefault("FLWR_HOME", str(home))
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    os.environ.setdefault("RAY_AUTH_TOKEN", _PROCESS_RAY_TOKEN)  # one per process: Ray's loader caches the first
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

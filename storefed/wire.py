@@ -39,6 +39,7 @@ class MerchantPrivacy:
     enabled: bool = True
     epsilon: float = 8.0  # total budget per task, across all rounds and runs
     person_epsilon: Optional[float] = None  # per-customer budget across tasks (None: reported, not enforced)
+    person_tasks: int = 1  # tasks sharing person_epsilon (a merchant's own person budget is split as many ways)
     delta: float = 1e-5
     unit: Optional[str] = None  # None: the task's unit
     max_grad_norm: float = 1.0

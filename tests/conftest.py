@@ -11,6 +11,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
+
+
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Each test starts from the same environment: an in-process run exports console and Flower settings
+    (STOREFED_SIMULATED_MERCHANTS, FLWR_HOME, Ray's token) for its children, which must not leak into the
+    next test's subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 SMALL_WORLD = {"num_items": 200, "num_categories": 8, "mean_customers": 60, "review_probability": 0.3}
 
 

@@ -143,7 +143,7 @@ def test_help_lists_the_commands_keys_with_defaults():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "  privacy.epsilon = 8.0" in out and "  task.embedding_dim = 32" in out
+    assert "  privacy.person_epsilon = 8.0" in out and "  privacy.epsilon = null" in out and "  task.embedding_dim = 32" in out
     assert "  federation.num_stores = 100" in out and "  data.generator.num_items = 1000" in out
     assert "task        recommender | review" in out and "privacy_schema" not in out
     merchant = subprocess.run([sys.executable, "-m", "storefed", "merchant", "--help"], capture_output=True, text=True,

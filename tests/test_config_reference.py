@@ -97,10 +97,10 @@ def test_known_keys_show_their_schema_defaults(sections: dict[str, dict[str, lis
         return cells[1], cells[2].strip("`")
 
     dp, none = schema.PrivacyConfig(), compose("simulate", ["privacy=none"]).privacy
-    assert row("privacy=dp", "privacy.epsilon") == ("float", repr(dp.epsilon))
+    assert row("privacy=dp", "privacy.epsilon") == ("float or null", "null") and dp.epsilon is None
+    assert row("privacy=dp", "privacy.person_epsilon") == ("float or null", repr(dp.person_epsilon))
     assert row("privacy=dp", "privacy.delta") == ("float", repr(dp.delta))
-    assert row("privacy=dp", "privacy.person_epsilon") == ("float or null", "null")
-    assert row("privacy=none", "privacy.epsilon") == ("float", repr(none.epsilon))  # the preset's own value
+    assert row("privacy=none", "privacy.epsilon") == ("float or null", repr(none.epsilon))  # the preset's own value
     # per-option defaults: the same key documented once per option, each with its own default
     recommender, review = schema.RecommenderConfig(), schema.ReviewConfig()
     assert recommender.epochs != review.epochs

@@ -266,7 +266,8 @@ def test_a_dropout_is_tolerated_only_when_the_noise_was_sized_for_it(tmp_path, f
 @pytest.mark.parametrize("unit", ["review", "user"])
 def test_the_review_model_shares_too(tmp_path, unit):
     settings = base_settings("review", "task.epochs=1", f"run_dir={tmp_path / 'run'}", "task.max_length=16",
-                             mode="distributed", sample_rate=0.3, planned_rounds=3, unit=unit)
+                             mode="distributed", sample_rate=0.3, planned_rounds=3, unit=unit,
+                             **({"person_epsilon": "null", "epsilon": 8} if unit == "review" else {}))
     setup = prepare_run(settings, tmp_path / "run")
     share = distributed_share(setup.to_clients, dict(setup.shared), 1, {"partition-id": 1})
     assert share.metrics["refused"] == 0 and share.message.size == setup.skellam.dim

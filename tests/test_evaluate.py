@@ -200,7 +200,7 @@ def test_review_run_reports_accuracy_and_macro_f1_per_review(amazon_file, tmp_pa
     run_dir = tmp_path / "review"
     code = main(["evaluate", 
         "task=review", f"data.path={amazon_file}", "evaluate.num_merchants=[2]", "evaluate.partitions=[iid]",
-        "evaluate.seeds=[0]", "evaluate.methods=[majority,tfidf_logreg,centralized_dp,federated_dp]", *TINY_REVIEW,
+        "evaluate.seeds=[0]", "evaluate.methods=[majority,tfidf_logreg,centralized_dp,federated_dp]", *TINY_REVIEW, "privacy.unit=review",
         f"run_dir={run_dir}",
     ])
     assert code == 0

@@ -18,7 +18,7 @@ from storefed.wire import TRAIN_METRIC_KEYS
 
 @pytest.fixture
 def setup(tmp_path, flower_identity):
-    settings = base_settings("recommender", noise_multiplier=1.3)
+    settings = base_settings("recommender", noise_multiplier=1.3, epsilon=8)  # all of the person budget: one task
     to_clients = round_config(settings, tmp_path, epochs=1)
     catalog = coordinator_catalog(to_clients.data, to_clients.seed)
     task = build_task(to_clients.task, catalog, seed=to_clients.seed)
@@ -99,9 +99,10 @@ def test_auto_noise_plans_the_budget_over_the_planned_rounds(setup):
 
 
 def test_review_round_is_accounted_per_review(tmp_path, flower_identity):
-    settings = base_settings("review", noise_multiplier=1.0)
+    settings = base_settings("review", noise_multiplier=1.0, unit="review", epsilon=8, person_epsilon="null")
     to_clients = round_config(settings, tmp_path, epochs=1)
-    task = build_task(to_clients.task, coordinator_catalog(to_clients.data, to_clients.seed), seed=to_clients.seed)
+    task = build_task(to_clients.task, coordinator_catalog(to_clients.data, to_clients.seed), seed=to_clients.seed,
+                      privacy_unit="review")
     model = task.build_model()
     arrays = ArrayRecord({k: v for k, v in model.state_dict().items()})
     reply = _train(to_clients, arrays)

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from flwr.app import ArrayRecord
 
 from conftest import base_settings, node_context, round_config, train_message, with_privacy
 from storefed.client import client_app
+from storefed.client.training_round import merchant_privacy
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import build_task
 from storefed.privacy.independent_accounting import dp_accounting_epsilon
 from storefed.privacy.ledger import open_ledger
 from storefed.privacy.ledger_status import format_person_status, person_status
-from storefed.privacy.person_budget import person_epsilon
+from storefed.privacy.person_budget import person_epsilon, task_share
 
 
 def _round(task: str, ledger_dir, unit: str | None = None, **privacy):
@@ -70,7 +72,11 @@ def test_a_round_past_the_person_budget_is_refused_for_either_task(tmp_path, flo
 
 def test_the_review_unit_is_covered_only_by_group_privacy(tmp_path, flower_identity):
     ledgers = tmp_path / "ledgers"
-    reply = _round("review", ledgers)
+    refused = _round("review", ledgers, unit="review")  # default person budget: group privacy cannot fit it
+    assert refused["metrics"]["refused"] == 1
+    assert "per-customer budget across tasks exhausted" in refused["privacy"]["refusal"]
+    assert "group privacy for k=" in refused["privacy"]["refusal"]
+    reply = _round("review", ledgers, unit="review", person_epsilon=None)  # reported, not enforced
     review = _ledger(ledgers, "review", "review")
     k = review.group_size
     assert k and k > 1
@@ -79,3 +85,56 @@ def test_the_review_unit_is_covered_only_by_group_privacy(tmp_path, flower_ident
     assert view.epsilon >= k * review.epsilon_spent  # k reviews: at least k times the per-review epsilon
     assert reply["metrics"]["epsilon_person"] == pytest.approx(view.epsilon, rel=1e-6)
     assert math.isfinite(view.epsilon)
+
+
+def test_the_default_splits_one_person_budget_between_both_tasks(tmp_path, flower_identity):
+    """No privacy.epsilon: each task plans for its share of privacy.person_epsilon=8, and a customer in both
+    tasks ends within 8 (the merchant enforces the exact composition of both ledgers)."""
+    share = task_share(8.0, 2, 1e-5)
+    assert 8.0 / 2 < share < 8.0  # tighter than basic composition's 4, never the whole budget
+    assert round_config(base_settings("review"), tmp_path).privacy.epsilon == pytest.approx(share)
+    alone = round_config(base_settings("review", "privacy.person_tasks=[review]"), tmp_path).privacy
+    assert alone.epsilon == 8.0  # one task trained: it gets the whole budget
+    ledgers = tmp_path / "ledgers"
+    for task in ("recommender", "review", "recommender", "review"):
+        reply = _auto_round(task, ledgers)
+        assert reply["metrics"]["epsilon_budget"] == pytest.approx(share)
+    recommender, review = _ledger(ledgers, "recommender", "customer"), _ledger(ledgers, "review", "reviewer")
+    assert recommender.rounds and review.rounds
+    view = person_epsilon([recommender, review], 1e-5)
+    assert max(recommender.epsilon_spent, review.epsilon_spent) <= share + 1e-9
+    assert view.epsilon <= 8.0 + 1e-9
+    assert view.epsilon == pytest.approx(dp_accounting_epsilon(recommender.history + review.history, 1e-5, "rdp"),
+                                         rel=0.01)
+
+
+def test_a_merchant_s_own_person_budget_is_split_too(tmp_path):
+    proposed = round_config(base_settings("recommender"), tmp_path).privacy
+    own = merchant_privacy(proposed, {"person-epsilon-budget": 3.0})
+    assert own.person_epsilon == 3.0 and own.epsilon == pytest.approx(task_share(3.0, 2, 1e-5))
+    assert merchant_privacy(proposed, {"person-epsilon-budget": 3.0, "epsilon-budget": 2.5}).epsilon == 2.5
+    assert merchant_privacy(proposed, {"person-epsilon-budget": 100.0}).epsilon == proposed.epsilon  # never raised
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["privacy.epsilon=9"], "exceeds privacy.person_epsilon=8"),
+    (["privacy.person_epsilon=null"], "set privacy.epsilon (this task's budget) or privacy.person_epsilon"),
+    (["privacy.person_tasks=[review]"], "must include the task this run trains (recommender)"),
+    (["privacy.person_tasks=[review,review]"], "list each task once"),
+    (["privacy.person_tasks=[ads]"], "privacy.person_tasks='ads'"),
+])
+def test_budget_settings_that_cannot_hold_are_refused(overrides, message):
+    from storefed.config.validate import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        base_settings("recommender", *overrides)
+
+
+def _auto_round(task: str, ledger_dir):
+    """A round at the default budgets (noise planned for the task's share)."""
+    settings = base_settings(task, "task.epochs=1", ledger_dir=str(ledger_dir))
+    config = round_config(settings, ledger_dir.parent, epochs=1)
+    model = build_task(config.task, coordinator_catalog(config.data, config.seed), seed=config.seed,
+                       privacy_unit=config.privacy.unit).build_model()
+    return client_app.train(train_message(config, ArrayRecord(dict(model.state_dict()))),
+                            node_context({"partition-id": 0})).content

@@ -62,7 +62,8 @@ def test_federated_dp_recommender_beats_popularity_on_full_ranking(tmp_path):
 
 
 def test_federated_dp_review_model_beats_majority_class_and_exports_a_pipeline_model(tmp_path):
-    """The default review model (frozen encoder, DP head) learns under DP at epsilon 8, and the run
+    """The default review model (frozen encoder, DP head, one reviewer per unit) learns under DP at epsilon 8
+    (the whole person budget: privacy.epsilon=8 for this one task), and the run
     leaves a review_model/ folder that transformers' pipeline loads offline with label names."""
     from transformers import pipeline
 
@@ -73,7 +74,7 @@ def test_federated_dp_review_model_beats_majority_class_and_exports_a_pipeline_m
     )
     final = summary["final_eval"]
     print({k: v for k, v in final.items() if k.startswith("eval_")})
-    assert summary["privacy"]["unit"] == "review" and 0 < summary["privacy"]["epsilon_max"] <= 8.0
+    assert summary["privacy"]["unit"] == "reviewer" and 0 < summary["privacy"]["epsilon_max"] <= 8.0
     assert final["eval_macro_f1"] >= final["eval_local_majority_macro_f1"] + 0.15
     assert summary["review_model"] == str(tmp_path / "run" / "review_model")
     classify = pipeline("text-classification", model=summary["review_model"], device=-1)

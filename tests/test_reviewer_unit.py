@@ -27,7 +27,7 @@ TASK = {"name": "review", "encoder": "scratch", "hidden_size": 16, "num_layers":
 @pytest.fixture(scope="module")
 def store():
     catalog = generate_catalog(GEN)
-    return task_from_dict(TASK, catalog), task_from_dict(dict(TASK, privacy_unit=None), catalog), generate_store(GEN, 2)
+    return task_from_dict(TASK, catalog), task_from_dict(dict(TASK, privacy_unit="review"), catalog), generate_store(GEN, 2)
 
 
 def _inputs(task, ids, mask):

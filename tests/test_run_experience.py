@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -164,8 +165,13 @@ def test_simulations_turn_on_ray_token_authentication(tmp_path, monkeypatch):
         for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "FLWR_HOME"):
             monkeypatch.delenv(key, raising=False)
         prepare_simulation_environment(tmp_path)
-        import os
 
         assert os.environ["RAY_AUTH_MODE"] == "token"
         tokens.append(os.environ["RAY_AUTH_TOKEN"])
-    assert all(re.fullmatch(r"[0-9a-f]{64}", t) for t in tokens) and tokens[0] != tokens[1], "a fresh random token"
+    # one token per process (Ray's loader keeps the first it saw), a fresh random one in every process
+    other = subprocess.run([sys.executable, "-c", "import os; from storefed.flower_env import "
+                            f"prepare_simulation_environment as p; p(__import__('pathlib').Path({str(tmp_path)!r})); "
+                            "print(os.environ['RAY_AUTH_TOKEN'])"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}, check=True).stdout.strip()
+    assert all(re.fullmatch(r"[0-9a-f]{64}", t) for t in (*tokens, other))
+    assert tokens[0] == tokens[1] and other != tokens[0], "one random token per process"

@@ -224,7 +224,7 @@ def evaluate_cell(settings: EvaluateConfig, spec: EvalSpec, cell: Cell, cell_dir
                 rows[-1]["accountant"] = "skellam-rdp (population-level)"
             else:  # federated, federated_dp
                 fed = dataclasses.replace(base, privacy=dataclasses.replace(
-                    privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf")))
+                    privacy, enabled=epsilon is not None, epsilon=epsilon or float("inf"), person_epsilon=None))
                 name = method if epsilon is None else f"{method}-eps{epsilon:g}"
                 result = run_federated(fed, cell_dir / name)
                 fed_task, model = global_model(fed, cell_dir / name, result.state)
@@ -254,7 +254,7 @@ def distributed_settings(base, merchants, task, local_cfg, spec: EvalSpec, epsil
     plan = plan_sampling(units, local_cfg.batch_size, local_cfg.epochs * spec.rounds)
     k = base.federation.num_stores
     privacy = dataclasses.replace(
-        base.privacy, enabled=True, epsilon=epsilon, mode="distributed", sample_rate=plan.sample_rate,
+        base.privacy, enabled=True, epsilon=epsilon, person_epsilon=None, mode="distributed", sample_rate=plan.sample_rate,
         noise_multiplier="auto", planned_rounds=plan.steps, min_survivors=None, grad_sample_mode="hooks",
     )
     federation = dataclasses.replace(base.federation, stores_per_round=k, eval_stores_per_round=k, rounds=plan.steps)

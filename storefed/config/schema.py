@@ -38,6 +38,13 @@ class RecommenderConfig:
     popularity_weight: Optional[float] = None  # weight of popularity / max popularity; null: 0 without DP, 0.1 DP
     embedding_dim: int = 32  # history: size of the item (and category) embeddings
     max_history: int = 50  # a customer's history is capped to their most recent items
+    # history: 0 = one embedding row and one output row per catalog item; > 0 = hashed item tables of
+    # this many rows each (an item is the sum of task.item_hashes rows): size independent of the catalog
+    item_buckets: int = 0
+    item_hashes: int = 2  # item_buckets > 0: rows per item, chosen by fixed public hash functions of its index
+    # item_buckets > 0: above this many catalog items, train on a sampled softmax over the target and this
+    # many uniform negatives shared by the batch; at most this many items: the exact full softmax
+    sampled_negatives: int = 20000
     top_k: int = 10  # K of the full-ranking metrics hr@K and ndcg@K
     sampled_candidates: int = 100  # secondary, labelled sampled-100 protocol
     epochs: int = 10  # local epochs per round
@@ -75,7 +82,7 @@ ITEM_ITEM_EXACT_DEFAULTS = {"candidate_items": 0, "ease_lambda": 100.0, "popular
 
 @dataclass
 class ReviewConfig:
-    """Review sentiment classifier (transformers BERT). DP unit: one review, or one reviewer."""
+    """Review sentiment classifier (transformers BERT). DP unit: one reviewer (default), or one review."""
 
     name: str = "review"  # the option's name: set by task=review, not to be overridden
     labels: str = "polarity"  # polarity (1-2 neg, 4-5 pos, 3 dropped) | three_class
@@ -96,7 +103,7 @@ class ReviewConfig:
     initializer_range: float = 0.02  # scratch: std of the random weight initialisation
     class_weights: Optional[List[float]] = None  # fixed loss weight per class, never from data
     test_fraction: float = 0.2  # share of each merchant's reviews held out for testing (none below 5)
-    max_reviews_per_user: int = 4  # privacy.unit=user: a reviewer's most recent reviews in one unit
+    max_reviews_per_user: int = 4  # reviewer unit (the default): a reviewer's most recent reviews in one unit
     pooling: str = "mean"  # scratch and lora: mean | cls
     lora_r: int = 8  # lora: rank of the adapters
     lora_alpha: int = 16  # lora: adapter scaling alpha
@@ -123,10 +130,17 @@ class PrivacyConfig:
     """Record-level DP at every merchant (Opacus, Poisson sampling), plus coordinator-side options."""
 
     enabled: bool = True  # record-level DP at the merchants; false (privacy=none): no DP guarantee at all
-    epsilon: float = 8.0  # each merchant's total budget per task, across all rounds and runs
-    person_epsilon: Optional[float] = None  # per-customer budget across all tasks (null: reported, not enforced)
+    # each customer's budget at each merchant across every task in privacy.person_tasks, all rounds and runs
+    # (enforced by the merchant; null: reported, not enforced, and privacy.epsilon must be set)
+    person_epsilon: Optional[float] = 8.0
+    person_tasks: List[str] = field(default_factory=lambda: ["recommender", "review"])  # tasks sharing it
+    # this task's budget per unit at each merchant, across all rounds and runs; null: its share of
+    # privacy.person_epsilon (n tasks composed in RDP reach it: 5.32 each for 8 split in two, delta 1e-5)
+    epsilon: Optional[float] = None
     delta: float = 1e-5  # must be below 1/(DP units at the merchant)
-    unit: Optional[str] = None  # null: the task's unit; user: one customer's whole contribution
+    # null: the task's unit (recommender: customer; review model: reviewer); user: one customer's whole
+    # contribution; review: one review (a customer's k reviews then compose only by group privacy)
+    unit: Optional[str] = None
     max_grad_norm: float = 1.0  # per-unit L2 clipping norm
     noise_multiplier: str = "auto"  # auto (planned so planned_rounds fit the budget) or a number > 0
     planned_rounds: Optional[int] = None  # default: 2x expected participations (min 2, max rounds)

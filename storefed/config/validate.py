@@ -23,6 +23,9 @@ CENTRAL_MODES = ("none", "fixed", "adaptive")
 OPTIMIZERS = ("adam", "sgd")
 
 
+TASKS = ("recommender", "review")
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range; the message is one line naming key, value and range."""
 
@@ -146,6 +149,7 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
     if isinstance(task, s.RecommenderConfig):
         for key in ("embedding_dim", "max_history", "top_k", "sampled_candidates"):
             _at_least(f"task.{key}", getattr(task, key), 1)
+        _item_buckets(task)
         if task.prior_noise_multiplier is not None:
             _positive("task.prior_noise_multiplier", task.prior_noise_multiplier)
         if task.prior_budget_fraction is not None:
@@ -174,6 +178,27 @@ def _task(task: s.TaskConfig, cfg: Any) -> None:
             _fail("task.class_weights", task.class_weights, "null or a list of numbers > 0, one per class")
         if task.pretrained_dir is not None and not Path(task.pretrained_dir).is_dir():
             _fail("task.pretrained_dir", task.pretrained_dir, "must be an existing local checkpoint directory")
+
+
+def _item_buckets(task: s.RecommenderConfig) -> None:
+    """Hashed item tables (``task.item_buckets > 0``, models/hashed_items.py)."""
+    for key in ("item_buckets", "item_hashes", "sampled_negatives"):
+        if not isinstance(getattr(task, key), int) or isinstance(getattr(task, key), bool):
+            _fail(f"task.{key}", getattr(task, key), "must be an integer")
+    if task.item_buckets < 0:
+        _fail("task.item_buckets", task.item_buckets, "must be 0 (one row per catalog item) or an integer >= 2 "
+              "(the rows of each hashed item table, e.g. 4096)")
+    if task.item_buckets == 1:
+        _fail("task.item_buckets", 1, "one bucket would give every item the same score: use 0 (one row per "
+              "catalog item) or an integer >= 2")
+    _at_least("task.item_hashes", task.item_hashes, 1)
+    _at_least("task.sampled_negatives", task.sampled_negatives, 1)
+    if task.item_buckets > 0 and task.model != "history":
+        _fail("task.item_buckets", task.item_buckets, f"hashed item tables are for task.model=history, not "
+              f"{task.model!r}: use task.item_buckets=0")
+    if task.item_buckets > 0 and task.popularity_prior:
+        _fail("task.popularity_prior", True, "sets one output bias per catalog item: it needs task.item_buckets=0 "
+              f"(now {task.item_buckets})")
 
 
 def _item_item(task: s.RecommenderConfig, cfg: Any) -> None:
@@ -213,9 +238,7 @@ def _privacy(privacy: s.PrivacyConfig, cfg: Any) -> None:
     if privacy.mode == "distributed":
         _distributed(privacy, cfg)
     if privacy.enabled:
-        _positive("privacy.epsilon", privacy.epsilon)
-        if privacy.person_epsilon is not None:
-            _positive("privacy.person_epsilon", privacy.person_epsilon)
+        _budgets(privacy, cfg)
         _open_unit("privacy.delta", privacy.delta)
         _positive("privacy.max_grad_norm", privacy.max_grad_norm)
         noise = noise_multiplier_value(privacy.noise_multiplier)
@@ -240,6 +263,36 @@ def _privacy(privacy: s.PrivacyConfig, cfg: Any) -> None:
         _positive("privacy.secagg_max_weight", privacy.secagg_max_weight)
         if privacy.secagg_timeout_s is not None:
             _positive("privacy.secagg_timeout_s", privacy.secagg_timeout_s)
+
+
+def _budgets(privacy: s.PrivacyConfig, cfg: Any) -> None:
+    """Per-task and per-customer budgets: at least one set, the task's within the customer's."""
+    if not privacy.person_tasks or len(set(privacy.person_tasks)) != len(privacy.person_tasks):
+        _fail("privacy.person_tasks", list(privacy.person_tasks), f"list each task once, from {list(TASKS)}")
+    for name in privacy.person_tasks:
+        _choice("privacy.person_tasks", name, TASKS)
+    if privacy.person_epsilon is not None:
+        _positive("privacy.person_epsilon", privacy.person_epsilon)
+    if privacy.epsilon is None and privacy.person_epsilon is None:
+        _fail("privacy.epsilon", None, "set privacy.epsilon (this task's budget) or privacy.person_epsilon "
+              "(one budget per customer, split between privacy.person_tasks)")
+    if privacy.epsilon is not None:
+        _positive("privacy.epsilon", privacy.epsilon)
+    if privacy.person_epsilon is None:
+        return
+    if privacy.epsilon is not None and privacy.epsilon > privacy.person_epsilon:
+        _fail("privacy.epsilon", privacy.epsilon, f"exceeds privacy.person_epsilon={privacy.person_epsilon:g}, "
+              "the per-customer budget across tasks: lower it, raise privacy.person_epsilon, or set "
+              "privacy.person_epsilon=null (per-task budget only, the per-customer value is then not enforced)")
+    task = getattr(getattr(cfg, "task", None), "name", None)
+    if task in TASKS and task not in privacy.person_tasks:
+        _fail("privacy.person_tasks", list(privacy.person_tasks), f"must include the task this run trains ({task}) "
+              "while privacy.person_epsilon is set")
+    if getattr(cfg.task, "encoder", None) == "lora" and privacy.unit in (None, "review"):
+        _fail("privacy.person_epsilon", privacy.person_epsilon, "task.encoder=lora trains one review per DP unit "
+              "(no reviewer unit), so a customer's k reviews are covered only by group privacy, which a per-customer "
+              "budget refuses: set privacy.person_epsilon=null (per-review budget, per-customer value reported) "
+              "or use task.encoder=frozen")
 
 
 def _distributed(privacy: s.PrivacyConfig, cfg: Any) -> None:
