@@ -28,16 +28,18 @@ def epsilon_columns(epsilons: list[float]) -> dict[str, float]:
 
 class RunLog:
     def __init__(self, run_dir: Path, task: str, unit: str, accountant: str, dp: bool, distributed: bool = False,
-                 sampling: str = "Poisson", display: RoundDisplay | None = None) -> None:
+                 sampling: str = "Poisson", display: RoundDisplay | None = None, budgets: dict | None = None) -> None:
         """``distributed``: privacy.mode=distributed (population-level epsilon, Skellam RDP accountant);
         ``sampling``: how units enter a step ("Poisson", or "none (every unit, q = 1)" for one-shot releases);
-        ``display``: where rounds and notes are shown (server/progress.py; plain lines by default)."""
+        ``display``: where rounds and notes are shown (server/progress.py; plain lines by default);
+        ``budgets``: the proposed per-task and per-customer budgets (``budget_summary``), for the summary."""
         self.run_dir = Path(run_dir)
         self.display: RoundDisplay = display or PlainDisplay()
         self.task, self.unit, self.dp, self.distributed, self.sampling = task, unit, dp, distributed, sampling
         self.accountant = "skellam-rdp" if distributed else accountant
         self.rows: list[dict] = []
         self.merchant_epsilon: dict[str, float] = {}
+        self.budgets = dict(budgets or {})
         self.pending: dict[int, dict] = {}
 
     def on_screened(self, server_round: int, screening: RoundScreening) -> None:
@@ -146,6 +148,7 @@ class RunLog:
             "merchants_trained": len(self.merchant_epsilon),
             "epsilon_max": max(finite) if finite else None,
             "epsilon_by_node": self.merchant_epsilon,
+            **(self.budgets if self.dp else {}),
         }
 
 
@@ -167,8 +170,21 @@ def summary_lines(summary: dict, run_dir: Path) -> list[str]:
             f"accountant, {privacy['sampling']} sampling, {privacy['mode']} mode"
             + ("; a population-level epsilon that holds only while secure aggregation holds)"
                if privacy["mode"] == "distributed" else ")"))
+    if privacy.get("person_epsilon") is not None:
+        lines.append(f"  per customer across tasks: budget {privacy['person_epsilon']:g} (privacy.person_epsilon, "
+                     f"enforced by every merchant over its ledgers; this task's budget {privacy['task_epsilon']:.3f} is "
+                     f"its share between {privacy['person_tasks']} task(s))")
+    elif privacy.get("task_epsilon") is not None:
+        lines.append(f"  per customer across tasks: not enforced (privacy.person_epsilon=null); this task's budget "
+                     f"{privacy['task_epsilon']:g}")
     lines.append(f"  guarantee: {privacy.get('guarantee', 'unknown')}")
     if privacy.get("client_level"):
         lines.append(f"  client-level: {json.dumps(privacy['client_level'], default=str)}")
     lines.append(f"  run dir: {run_dir}")
     return lines
+
+
+def budget_summary(privacy) -> dict:
+    """The proposed budgets of a run (a ``MerchantPrivacy``): each merchant may lower its own."""
+    return {"task_epsilon": float(privacy.epsilon), "person_epsilon": privacy.person_epsilon,
+            "person_tasks": int(privacy.person_tasks)}

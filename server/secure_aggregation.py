@@ -53,7 +53,7 @@ from storefed.config.schema import FederationConfig, PrivacyConfig, RunConfig
 from storefed.models.saved_model import save_global_model
 from storefed.server.distributed_secagg import build_distributed_strategy, integer_range
 from storefed.server.progress import RoundDisplay
-from storefed.server.run_log import RunLog, epsilon_columns
+from storefed.server.run_log import RunLog, budget_summary, epsilon_columns
 from storefed.server.run_setup import RunFailed, prepare_run, write_status
 from storefed.server.strategy import aggregate_train_metrics
 from storefed.wire import SHARED_KEYS
@@ -396,7 +396,7 @@ def _run_secure(grid: Grid, context: Context, settings: RunConfig, run_dir: Path
     dtypes = {k: state[k].dtype for k in names}
     released = getattr(task, "released", False)
     log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, bool(privacy.enabled), distributed,
-                 "none (every unit, q = 1)" if released else "Poisson", display)
+                 "none (every unit, q = 1)" if released else "Poisson", display, budget_summary(privacy))
     round_log = SecureRoundLog(log)
     log.note(f"[{task.name}] {SCREENING_NOTE}")
     flwr_log(INFO, "StoreFed: %s", SCREENING_NOTE)

@@ -35,7 +35,7 @@ from storefed.server.checkpoint import (
     strategy_state,
 )
 from storefed.server.progress import ProgressGrid, RoundDisplay, make_display
-from storefed.server.run_log import RunLog
+from storefed.server.run_log import RunLog, budget_summary
 from storefed.server.run_setup import RunFailed, check_someone_trained, prepare_run, write_status
 from storefed.server.screening import RoundScreening
 from storefed.server.secure_aggregation import run_secure_federation
@@ -59,7 +59,8 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay |
     setup = prepare_run(settings, run_dir)
     to_clients, catalog, task, shared = setup.to_clients, setup.catalog, setup.task, setup.shared
     privacy = to_clients.privacy
-    log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, privacy.enabled, display=display)
+    log = RunLog(run_dir, task.name, task.privacy_unit, privacy.accountant, privacy.enabled, display=display,
+                 budgets=budget_summary(privacy))
     resumed = load_checkpoint(run_dir) if settings.resume else None
     done = resumed.server_round if resumed else 0
     initial = resumed.model if resumed else shared

@@ -37,7 +37,9 @@ def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def test_console_is_one_plain_line_per_round_without_library_noise(finished_run):
     run_dir, result = finished_run
     lines = (result.stdout + result.stderr).splitlines()
-    assert len(lines) <= 10, "\n".join(lines)  # header, 2 rounds, 4 summary lines, report line
+    assert len(lines) <= 10, "\n".join(lines)  # header, 2 rounds, 5 summary lines, report line
+    budget = next(line for line in lines if line.startswith("  per customer across tasks:"))
+    assert "budget 8 (privacy.person_epsilon, enforced" in budget and "this task's budget 5.323" in budget
     for number in (1, 2):
         assert sum(line.startswith(f"[recommender] round {number}:") for line in lines) == 1
     text = "\n".join(lines)
