@@ -2,7 +2,8 @@
 
 The same ServerApp and ClientApp as a deployment run; only the transport differs. Resources:
 ``federation.client_cpus`` CPUs (default 1) and ``federation.client_gpus`` GPU fraction per
-virtual client. Memory grows with concurrent clients, not with the number of stores: stores
+virtual client, on a private local Ray or on an existing cluster (``federation.ray_address``,
+simulations/ray_cluster.py). Memory grows with concurrent clients, not with the number of stores: stores
 are generated when their client needs them.
 
 Success is read from the run's own ``status.json``, never from Flower's exit status.
@@ -24,6 +25,7 @@ from storefed.flower_env import prepare_simulation_environment
 from storefed.server.run_setup import RunFailed, check_run_dir
 from storefed.server.server_app import make_server_app
 from storefed.simulations.checks import check_run
+from storefed.simulations.ray_cluster import ClusterError, connect
 
 
 def resolve_run_dir(run_dir: str | None, name: str) -> Path:
@@ -42,10 +44,18 @@ def simulate(settings: RunConfig) -> dict:
 
     run_dir = resolve_run_dir(settings.run_dir, settings.task.name)
     check_run_dir(settings, run_dir)  # a used run dir needs resume=true; a resume needs a resumable one
-    prepare_simulation_environment(run_dir.parent / ".flwr")
+    federation = settings.federation
+    prepare_simulation_environment(run_dir.parent / ".flwr", cluster=federation.ray_address is not None)
+    cluster = None
+    if federation.ray_address is not None:  # before anything is written: an unreachable cluster loses nothing
+        try:
+            cluster = connect(federation.ray_address)
+        except ClusterError as exc:
+            raise RunFailed(str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(settings), sort_keys=False))
-    federation = settings.federation
+    if cluster is not None:
+        atomic_write_text(run_dir / "ray_cluster.json", json.dumps(cluster.as_dict(), indent=2))
     setup_console(simulated_merchants=True)  # the run's table speaks for the merchants; -v shows their lines
     backend_config = {
         "client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus},
@@ -55,6 +65,8 @@ def simulate(settings: RunConfig) -> dict:
     }
     print(f"StoreFed simulation: {federation.num_stores} stores, {federation.stores_per_round} per round, "
           f"{federation.rounds} rounds, task={settings.task.name}, run dir {run_dir}", flush=True)
+    if cluster is not None:
+        print(f"  on the {cluster.line()}", flush=True)
     try:
         run_simulation(
             server_app=make_server_app(settings, run_dir),

@@ -221,6 +221,9 @@ class FederationConfig:
     rounds: int = 5  # federated rounds
     client_cpus: int = 1  # per virtual client; 1 is best on small machines
     client_gpus: float = 0.0  # fraction of a GPU per virtual client
+    # simulation: an existing Ray cluster to run the virtual merchants on (its head's host:port, as
+    # `ray start --head` prints it, or auto); null: a private local Ray started for the run
+    ray_address: Optional[str] = None
     # the coordinator rejects an update whose L2 distance to the global model exceeds this (null: no bound;
     # not checkable under secure aggregation, where the coordinator sees only the sum)
     max_update_norm: Optional[float] = None

@@ -346,6 +346,26 @@ def _federation(federation: s.FederationConfig, cfg: Any) -> None:
         _positive("federation.max_update_norm", federation.max_update_norm)
     if not federation.client_gpus >= 0:
         _fail("federation.client_gpus", federation.client_gpus, "must be >= 0 (a fraction of a GPU per client)")
+    if federation.ray_address is not None:
+        problem = ray_address_problem(federation.ray_address)
+        if problem:
+            _fail("federation.ray_address", federation.ray_address, problem)
+        if isinstance(cfg, s.ServerRunConfig):
+            _fail("federation.ray_address", federation.ray_address, "is for storefed simulate: deployed merchants "
+                  "connect over TLS gRPC, not through Ray")
+
+
+def ray_address_problem(address: str) -> str | None:
+    """Why ``address`` is not a Ray head's GCS address (``host:port`` or ``auto``), or None."""
+    if address == "auto":
+        return None
+    if address.startswith("ray://"):
+        return ("is a Ray Client address; give the head's GCS address host:port (`ray start --head` prints it, "
+                "default port 6379)")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return "must be host:port of the Ray head (e.g. 10.0.0.5:6379), or auto for the cluster on this machine"
+    return None
 
 
 def _data(data: s.DataConfig, cfg: Any) -> None:
