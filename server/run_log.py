@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+import time
 from pathlib import Path
 
 from storefed.atomic_files import atomic_write_text
@@ -41,6 +42,7 @@ class RunLog:
         self.merchant_epsilon: dict[str, float] = {}
         self.budgets = dict(budgets or {})
         self.pending: dict[int, dict] = {}
+        self._mark = time.monotonic()  # end of the previous round (or the run's start)
 
     def on_screened(self, server_round: int, screening: RoundScreening) -> None:
         """Record who trained, refused, failed or was rejected in this round."""
@@ -60,6 +62,7 @@ class RunLog:
         for kind in ("refused", "failed", "rejected"):
             for node, reason in getattr(screening, kind).items():
                 self.note(f"  round {server_round}: merchant node {node} {kind}: {reason}")
+        row["train_seconds"] = round(time.monotonic() - self._mark, 3)  # this round's train phase, wall clock
         self.pending[server_round] = row
 
     def resume(self, done: int, merchant_epsilon: dict[str, float]) -> None:
@@ -80,6 +83,7 @@ class RunLog:
         self.merchant_epsilon = dict(merchant_epsilon)
 
     def start(self, rounds: int) -> None:
+        self._mark = time.monotonic()
         self.display.start(f"[{self.task}]", rounds, self.task, self.unit if self.dp else "none")
 
     def note(self, text: str) -> None:
@@ -90,6 +94,9 @@ class RunLog:
         row = self.pending.pop(server_round, {"round": server_round})
         row.update({f"train_{k}": v for k, v in (train or {}).items() if k not in ("refused",)})
         row.update({f"eval_{k}": v for k, v in (evaluate or {}).items()})
+        now = time.monotonic()
+        row["seconds"] = round(now - self._mark, 3)  # this round's wall clock: train, aggregate and evaluate
+        self._mark = now
         self.rows.append(row)
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -6,6 +6,8 @@
     storefed bench dropouts  final quality with 30% of merchants failing, per privacy mode
                              (simulations/dropout_study.py)
     storefed bench load      a loopback TLS deployment with N merchant processes (simulations/deployment_load.py)
+    storefed bench scale     simulation harness rounds vs the same merchants in one process, round 1 vs later,
+                             memory per fleet size (simulations/scale_bench.py)
     storefed bench catalog   model / update size, peak memory and step time, full-table vs hashed item tables,
                              at 50k and 1M catalog items (simulations/catalog_bench.py)
 
@@ -22,6 +24,7 @@ BENCHES = {
     "comm": "storefed.simulations.comm_bench",
     "dropouts": "storefed.simulations.dropout_study",
     "load": "storefed.simulations.deployment_load",
+    "scale": "storefed.simulations.scale_bench",
     "catalog": "storefed.simulations.catalog_bench",
 }
 

@@ -22,7 +22,8 @@ FOLDERS = {
 # Lowest first. Modules of one layer may import each other (without circles); a module may import
 # any lower layer. Layers that share a rank (client, server) may not import each other.
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
-    (0, "base", ("storefed", "storefed.atomic_files", "storefed.console", "storefed.update_codec")),
+    (0, "base", ("storefed", "storefed.atomic_files", "storefed.console", "storefed.update_codec",
+                     "storefed.cache_dir")),
     (1, "config", ("storefed.config", "storefed.conf")),
     (2, "data", ("storefed.data",)),
     (3, "models", ("storefed.models",)),

@@ -1,0 +1,137 @@
+"""``storefed bench scale``: the simulation harness against the same merchants' work in one process.
+
+For each fleet size it runs ``storefed simulate`` (recommender, local DP, no evaluation rounds, so a
+round is the train phase) in a subprocess, sampling the resident memory of the whole process tree
+(driver, Ray and its actors) every 0.5 s. It reads each round's wall clock from ``metrics.jsonl``
+and which merchants trained in each round from their ledgers, then replays exactly those merchants'
+rounds, in order, in this process with ``client.training_round.train_round`` (data, noise planning,
+DP training, ledger: everything a merchant does, without Flower and Ray). Printed, side by side:
+
+- harness round / the same merchants' rounds in one process, per round after the first;
+- round 1 / the median later round (actor start-up, imports);
+- peak memory per fleet size (flat means stores are generated only when their client needs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from storefed.cache_dir import cache_root
+from storefed.console import setup_console
+from storefed.simulations.deployment_load import _tree_rss_mib
+
+
+def _simulate(stores: int, per_round: int, rounds: int, run_dir: Path) -> tuple[float, float]:
+    """Run one simulation; (wall seconds, peak resident MiB of its process tree)."""
+    command = [sys.executable, "-m", "storefed", "simulate", "task=recommender", f"federation.num_stores={stores}",
+               f"federation.stores_per_round={per_round}", "federation.eval_stores_per_round=0",
+               f"federation.rounds={rounds}", f"run_dir={run_dir}"]
+    start, peak = time.monotonic(), 0.0
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss_mib([proc.pid]))
+        time.sleep(0.5)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"storefed simulate ({stores} stores) failed: {stderr[-2000:]}")
+    return time.monotonic() - start, peak
+
+
+def _rounds_of(run_dir: Path) -> dict[int, list[int]]:
+    """Partition ids of the merchants that trained in each round (from their ledgers)."""
+    trained: dict[int, list[int]] = {}
+    for path in sorted((run_dir / "ledgers").glob("*.recommender.ledger.json")):
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+        partition = int(ledger["merchant_id"].rsplit("-", 1)[1])
+        for record in ledger["rounds"]:
+            trained.setdefault(int(record["server_round"]), []).append(partition)
+    return trained
+
+
+def _in_process(run_dir: Path, trained: dict[int, list[int]]) -> dict[int, float]:
+    """Seconds of each round's merchants' ``train_round`` calls, one after another in this process
+    (the run's own settings, ledgers in a fresh folder so the budgets start where the run's did)."""
+    import yaml
+
+    from storefed.client.training_round import train_round
+    from storefed.config.schema import RunConfig
+    from storefed.config.serialize import from_dict
+    from storefed.server.run_setup import prepare_run
+
+    settings = from_dict(RunConfig, yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")))
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
+        setup = prepare_run(settings, Path(tmp) / "run")
+        privacy = dataclasses.replace(setup.to_clients.privacy, ledger_dir=str(Path(tmp) / "ledgers"))
+        config = dataclasses.replace(setup.to_clients, privacy=privacy)
+        state = {k: torch.as_tensor(v) for k, v in setup.shared.items()}
+        seconds = {}
+        for server_round in sorted(trained):
+            start = time.perf_counter()
+            for partition in trained[server_round]:
+                train_round(config, state, server_round, 0.0, {"partition-id": partition})
+            seconds[server_round] = time.perf_counter() - start
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="storefed bench scale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stores", default="100,1000,10000", help="fleet sizes, comma-separated")
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
+    parser.add_argument("--cold", action="store_true", help="empty the on-disk RDP cache first (a fresh machine)")
+    args = parser.parse_args(argv)
+    setup_console(simulated_merchants=True)  # the in-process replay's merchant lines stay quiet, as in simulation
+    sizes = [int(s) for s in args.stores.split(",")]
+    out = args.out.resolve()
+    if out.exists() and any(out.iterdir()):
+        print(f"storefed bench scale: --out {out} is not empty; give a new folder", file=sys.stderr)
+        return 2
+    if args.cold:
+        shutil.rmtree(cache_root() / "rdp", ignore_errors=True)
+    rows = []
+    for stores in sizes:
+        run_dir = out / f"stores-{stores}"
+        wall, peak = _simulate(stores, args.per_round, args.rounds, run_dir)
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        harness = {int(m["round"]): float(m["train_seconds"]) for m in metrics}
+        local = _in_process(run_dir, _rounds_of(run_dir))
+        later = [r for r in harness if r > 1]
+        row = {
+            "stores": stores, "per_round": args.per_round, "rounds": args.rounds, "wall_s": round(wall, 1),
+            "peak_rss_mib": round(peak), "harness_round_s": harness, "in_process_round_s": local,
+            "round1_over_later": harness[1] / statistics.median(harness[r] for r in later),
+            "harness_over_in_process_later": statistics.median(harness[r] / local[r] for r in later),
+            "device": "cpu", "cpus": os.cpu_count(), "client_cpus": 1,
+        }
+        rows.append(row)
+        print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)
+    print(f"\nstorefed bench scale: recommender, local DP, {args.per_round} merchants per round, {args.rounds} rounds, "
+          f"no evaluation rounds; {os.cpu_count()} CPUs, 1 CPU per virtual client; round = train phase wall clock\n")
+    print("stores | peak memory MiB (process tree) | round 1 s | later rounds s (median) | same merchants in one "
+          "process s (median) | harness / in-process | round 1 / later")
+    print("--- | --- | --- | --- | --- | --- | ---")
+    for row in rows:
+        later = [r for r in row["harness_round_s"] if r > 1]
+        print(f"{row['stores']:,} | {row['peak_rss_mib']:,} | {row['harness_round_s'][1]:.1f} | "
+              f"{statistics.median(row['harness_round_s'][r] for r in later):.1f} | "
+              f"{statistics.median(row['in_process_round_s'][r] for r in later):.1f} | "
+              f"{row['harness_over_in_process_later']:.2f}x | {row['round1_over_later']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
