@@ -1,4 +1,9 @@
-"""Run a simulation on an existing Ray cluster (``federation.ray_address``) instead of a private local Ray.
+"""Where a simulation's virtual merchants run: a private local Ray (``start_local``) or an existing Ray
+cluster (``federation.ray_address``, ``connect``).
+
+Both start Ray here, before Flower would, to give its workers a runtime environment: this
+interpreter's import path, the console settings, and a start-up hook that imports the merchant stack
+while the coordinator sets up (client/warm_up.py). Flower's backend then uses this Ray session.
 
 Scale-out: one machine's cores bound how many virtual merchants train at once; a Ray cluster adds
 machines. ``ray start --head`` on one machine and ``ray start --address=HEAD:PORT`` on the others, with
@@ -80,6 +85,21 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                            "start one with `ray start --head --port PORT` or fix the address") from None
 
 
+def _runtime_env() -> dict:
+    """The job's runtime environment: import path, console settings and the warm-up hook."""
+    env_vars = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), SIMULATED_ENV: "1",
+                VERBOSE_ENV: "1" if verbose_requested() else "0"}
+    return {"env_vars": env_vars, "worker_process_setup_hook": "storefed.client.warm_up.import_merchant_stack"}
+
+
+def start_local() -> None:
+    """A private Ray on this machine for one run (no dashboard; token authentication from
+    storefed/flower_env.py); Flower shuts it down when the run ends."""
+    import ray
+
+    ray.init(logging_level="error", log_to_driver=True, include_dashboard=False, runtime_env=_runtime_env())
+
+
 def connect(address: str) -> ClusterInfo:
     """Join the cluster at ``address`` (Flower's Ray backend then uses this connection). The cluster's
     workers were started by ``ray start``, not by this process: the console settings and this
@@ -88,13 +108,19 @@ def connect(address: str) -> ClusterInfo:
 
     os.environ["RAY_AUTH_MODE"] = "token"
     check_reachable(address)
-    env_vars = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p), SIMULATED_ENV: "1",
-                VERBOSE_ENV: "1" if verbose_requested() else "0"}
     try:
-        ray.init(address=address, logging_level="error", log_to_driver=True, runtime_env={"env_vars": env_vars})
+        ray.init(address=address, logging_level="error", log_to_driver=True, runtime_env=_runtime_env())
     except Exception as exc:  # Ray raises several types (ConnectionError, AuthenticationError, RuntimeError)
         raise ClusterError(f"federation.ray_address={address}: could not join the Ray cluster: "
                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     resources = ray.cluster_resources()
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     return ClusterInfo(address, nodes, float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0)))
+
+
+def stop_ray() -> None:
+    """Leave this process's Ray session (a private Ray stops; a cluster keeps running)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

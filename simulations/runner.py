@@ -25,7 +25,7 @@ from storefed.flower_env import prepare_simulation_environment
 from storefed.server.run_setup import RunFailed, check_run_dir
 from storefed.server.server_app import make_server_app
 from storefed.simulations.checks import check_run
-from storefed.simulations.ray_cluster import ClusterError, connect
+from storefed.simulations.ray_cluster import ClusterError, connect, start_local, stop_ray
 
 
 def resolve_run_dir(run_dir: str | None, name: str) -> Path:
@@ -57,12 +57,9 @@ def simulate(settings: RunConfig) -> dict:
     if cluster is not None:
         atomic_write_text(run_dir / "ray_cluster.json", json.dumps(cluster.as_dict(), indent=2))
     setup_console(simulated_merchants=True)  # the run's table speaks for the merchants; -v shows their lines
-    backend_config = {
-        "client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus},
-        # no dashboard; token authentication on (storefed/flower_env.py: Ray cannot be bound to loopback);
-        # Ray's workers inherit the environment, so the console settings reach every ClientApp actor
-        "init_args": {"logging_level": "error", "log_to_driver": True, "include_dashboard": False},
-    }
+    if cluster is None:
+        start_local()  # token authentication on (storefed/flower_env.py: Ray cannot be bound to loopback)
+    backend_config = {"client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus}}
     print(f"StoreFed simulation: {federation.num_stores} stores, {federation.stores_per_round} per round, "
           f"{federation.rounds} rounds, task={settings.task.name}, run dir {run_dir}", flush=True)
     if cluster is not None:
@@ -77,6 +74,8 @@ def simulate(settings: RunConfig) -> dict:
     except Exception as exc:  # Flower wraps ServerApp errors; status.json holds the real reason
         if not (run_dir / "status.json").exists():
             raise RunFailed(f"simulation failed before the ServerApp started: {exc}") from exc
+    finally:
+        stop_ray()  # Flower shuts Ray down after a run; not after every failure
     status_file = run_dir / "status.json"
     status = json.loads(status_file.read_text(encoding="utf-8")) if status_file.exists() else {}
     if status.get("status") != "completed":
