@@ -12,7 +12,12 @@ and sampling never are, otherwise anyone who knows the seed could subtract the n
 
 ``grad_sample_mode="ghost"`` (default) computes per-sample gradient *norms* without
 materialising per-sample gradients (needed for large embedding tables); ``"hooks"`` is
-Opacus' standard mode.
+Opacus' standard mode. ``"book"`` is book-keeping (``privacy/book_keeping.py``): the same clipped,
+noised update from ONE backward pass, for models whose trainable layers are ``nn.Linear`` and
+``nn.Embedding`` only (the recommenders); any other trainable layer is refused here, by name.
+Opacus still does the Poisson sampling (``DPDataLoader``, same rate) and the noise is drawn the same
+way from the same kind of generator. Under book-keeping the criterion must give the *mean of the
+per-unit losses* (``client/local_training.py`` does so).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-GRAD_SAMPLE_MODES = ("ghost", "hooks")
+GRAD_SAMPLE_MODES = ("ghost", "hooks", "book")
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,16 @@ def make_private(
         raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
     if noise_multiplier <= 0 or max_grad_norm <= 0:
         raise ValueError("noise_multiplier and max_grad_norm must be > 0 under DP")
+    if grad_sample_mode == "book":
+        from storefed.privacy.book_keeping import check_supported
+
+        check_supported(model)  # before any state changes: a clear error for an unsupported layer
     torch.seed()  # Poisson sampling draws from the global RNG: make it unpredictable
     device = next(model.parameters()).device
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+    if grad_sample_mode == "book":
+        return _make_private_book(model, optimizer, loader, noise_multiplier, max_grad_norm, criterion, noise)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")  # on purpose: noise seeded above
         warnings.filterwarnings("ignore", message=".*Optimal order is the .*")
@@ -96,6 +107,34 @@ def make_private(
     else:
         (dp_model, dp_optimizer, dp_loader), dp_criterion = wrapped, criterion
     return PrivateTraining(dp_model, dp_optimizer, dp_criterion, dp_loader)
+
+
+def _make_private_book(model, optimizer, loader, noise_multiplier, max_grad_norm, criterion, noise) -> PrivateTraining:
+    """Book-keeping: the model stays itself (its Linear/Embedding forwards record until
+    :func:`close_private`); Opacus' Poisson loader; expected batch size as ``PrivacyEngine`` computes it."""
+    from opacus.data_loader import DPDataLoader
+
+    from storefed.privacy.book_keeping import BookKeeping, BookKeepingOptimizer
+
+    model_params = set(model.parameters())
+    if any(p not in model_params for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("Module parameters are different than optimizer Parameters")
+    dp_loader = DPDataLoader.from_data_loader(loader)
+    expected_batch_size = int(len(dp_loader.dataset) * dp_loader.sample_rate)
+    book = BookKeeping(model, loss_reduction="mean")
+    try:
+        dp_optimizer = BookKeepingOptimizer(optimizer, book, noise_multiplier, max_grad_norm, expected_batch_size, noise)
+    except Exception:
+        book.close()
+        raise
+    return PrivateTraining(model, dp_optimizer, criterion, dp_loader)
+
+
+def close_private(private: PrivateTraining) -> None:
+    """Undo what wrapping changed on the user's module (book-keeping's recording forwards)."""
+    book = getattr(private.optimizer, "book", None)
+    if book is not None:
+        book.close()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,11 +1,11 @@
 """Model size, update size, memory and step time of the history recommender as the catalog grows:
 the full-table model (``task.item_buckets=0``) next to hashed item tables (``task.item_buckets=M``).
 
-For each catalog size, model and mode (non-private, DP-SGD with Opacus ghost clipping, the
-project default) one *fresh subprocess* builds the task on a synthetic catalog and synthetic
-customer histories (uniform items, 2-50 per customer), trains one warm-up session and one timed
-session with the platform's own ``train_local``, scores the full-ranking rank of 256 held-out
-targets over the whole catalog (hashed: exact, in chunks of ``ITEM_CHUNK`` items), and reports:
+For each catalog size, model and mode (non-private; DP-SGD with Opacus ghost clipping, the
+project default; DP-SGD with book-keeping, ``privacy.grad_sample_mode=book``: one backward pass)
+one *fresh subprocess* builds the task on a synthetic catalog and synthetic customer histories
+(uniform items, 2-50 per customer), trains one warm-up session and one timed session with the
+platform's own ``train_local``, scores the full-ranking rank of 256 held-out targets over the whole catalog (hashed: exact, in chunks of ``ITEM_CHUNK`` items), and reports:
 
 * ``params`` / ``update_mb``: the federated tensors (``task.shared_keys``), float32, MB = 10^6 bytes;
 * ``peak_rss_mb``: the subprocess' peak resident memory, ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
@@ -16,6 +16,7 @@ targets over the whole catalog (hashed: exact, in chunks of ``ITEM_CHUNK`` items
 * ``s_per_step``: wall seconds per optimizer step of the timed session (Poisson batches under DP).
 
     storefed bench catalog [--items 50000 1000000] [--buckets 65536] [--full-at-1m] [--device cpu]
+                           [--modes non-private dp-ghost dp-book]
 
 The full-table model at 1M items needs several GB (a ``B x 1M`` logit matrix and its gradients,
 plus a 1M-row input and output table with Adam state; measured on CPU at dim 64, batch 256: 7.2 GB
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 
 RUSAGE_UNIT = 1024  # ru_maxrss is in KiB on Linux
-MODES = {"non-private": None, "dp-ghost": "ghost"}
+MODES = {"non-private": None, "dp-ghost": "ghost", "dp-book": "book"}
 
 
 def _rss_mb() -> float:
@@ -123,19 +124,22 @@ def _run_child(spec: dict, timeout: float) -> dict:
 
 def _table(rows: list[dict]) -> str:
     head = ("items", "model", "mode", "params", "update MB", "peak RSS MB", "train RSS MB", "s/step", "DP/np time",
-            "eval s/256")
+            "DP/np peak RSS", "eval s/256")
     out = [" | ".join(head), " | ".join("---" for _ in head)]
     nonprivate = {(r["items"], r["model"]): r.get("s_per_step") for r in rows if r["mode"] == "non-private"}
+    np_peak = {(r["items"], r["model"]): r.get("peak_rss_mb") for r in rows if r["mode"] == "non-private"}
     for r in rows:
         if "error" in r or "skipped" in r:
             reason = r.get("error") or r["skipped"]
             size = f"{r['params']:,} | {r['update_mb']:.1f}" if "params" in r else " | "
-            out.append(f"{r['items']:,} | {r['model']} | {r['mode']} | {size} | {reason} | | | | |")
+            out.append(f"{r['items']:,} | {r['model']} | {r['mode']} | {size} | {reason} | | | | | |")
             continue
         ratio = r["s_per_step"] / nonprivate[(r["items"], r["model"])] if nonprivate.get((r["items"], r["model"])) else None
+        peak = r["peak_rss_mb"] / np_peak[(r["items"], r["model"])] if np_peak.get((r["items"], r["model"])) else None
         out.append(f"{r['items']:,} | {r['model']} | {r['mode']} | {r['params']:,} | {r['update_mb']:.1f} | "
                    f"{r['peak_rss_mb']:.0f} | {r['train_rss_mb']:.0f} | {r['s_per_step']:.3f} | "
-                   f"{'' if ratio is None else f'{ratio:.2f}x'} | {r['eval_s_per_256_customers']:.2f}")
+                   f"{'' if ratio is None else f'{ratio:.2f}x'} | {'' if peak is None else f'{peak:.2f}x'} | "
+                   f"{r['eval_s_per_256_customers']:.2f}")
     return "\n".join(out)
 
 
@@ -161,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed session")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="modes to measure")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per subprocess")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--skip-full-at-1m", dest="full_at_1m", action="store_false", default=False,
@@ -174,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for items in args.items:
         for model, buckets in (("full", 0), ("hashed", args.buckets)):
-            for mode in MODES:
+            for mode in args.modes:
                 spec = {"items": items, "model": model, "mode": mode, "buckets": buckets, "hashes": args.hashes,
                         "negatives": args.negatives, "dim": args.dim, "batch": args.batch, "steps": args.steps,
                         "threads": args.threads, "device": args.device}
