@@ -11,6 +11,7 @@ public global model, so it is post-processing and costs no privacy.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from storefed.config.schema import TaskConfig
 from storefed.models.task import Task
-from storefed.privacy.dp_sgd import SamplingPlan, close_private, make_private, plan_sampling
+from storefed.privacy.dp_sgd import SamplingPlan, close_private, make_private, plan_sampling, resolve_grad_sample_mode
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def local_training_config(task: TaskConfig, proximal_mu: float = 0.0) -> LocalTr
 class DPParams:
     noise_multiplier: float
     max_grad_norm: float
-    grad_sample_mode: str = "ghost"
+    grad_sample_mode: str = "auto"
 
 
 @dataclass
@@ -88,6 +89,7 @@ def train_local(
     criterion: nn.Module = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))
     trained, private = model, None
     if dp is not None:
+        dp = dataclasses.replace(dp, grad_sample_mode=resolve_grad_sample_mode(model, dp.grad_sample_mode))
         private = make_private(
             model, optimizer, loader, dp.noise_multiplier, dp.max_grad_norm, dp.grad_sample_mode, criterion
         )

@@ -10,7 +10,8 @@ Randomness: the Gaussian noise comes from a generator seeded with 63 bits from t
 OS entropy before wrapping. Model initialisation may be seeded for reproducibility; DP noise
 and sampling never are, otherwise anyone who knows the seed could subtract the noise.
 
-``grad_sample_mode="ghost"`` (default) computes per-sample gradient *norms* without
+``grad_sample_mode="auto"`` (default) is ``"book"`` where it applies, else ``"ghost"``.
+``"ghost"`` computes per-sample gradient *norms* without
 materialising per-sample gradients (needed for large embedding tables); ``"hooks"`` is
 Opacus' standard mode. ``"book"`` is book-keeping (``privacy/book_keeping.py``): the same clipped,
 noised update from ONE backward pass, for models whose trainable layers are ``nn.Linear`` and
@@ -34,7 +35,21 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-GRAD_SAMPLE_MODES = ("ghost", "hooks", "book")
+GRAD_SAMPLE_MODES = ("auto", "book", "ghost", "hooks")
+
+
+def resolve_grad_sample_mode(model: nn.Module, mode: str) -> str:
+    """``auto``: book-keeping when it can clip every trainable layer of ``model`` exactly (one backward pass),
+    else Opacus ghost clipping; any other mode unchanged."""
+    if mode != "auto":
+        return mode
+    from storefed.privacy.book_keeping import UnsupportedModuleError, check_supported
+
+    try:
+        check_supported(model)
+    except UnsupportedModuleError:
+        return "ghost"
+    return "book"
 
 
 @dataclass(frozen=True)
@@ -66,7 +81,7 @@ def make_private(
     loader: DataLoader,
     noise_multiplier: float,
     max_grad_norm: float,
-    grad_sample_mode: str = "ghost",
+    grad_sample_mode: str = "auto",
     criterion: nn.Module | None = None,
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader with Opacus; use the returned criterion for the loss.
@@ -77,6 +92,7 @@ def make_private(
         raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
     if noise_multiplier <= 0 or max_grad_norm <= 0:
         raise ValueError("noise_multiplier and max_grad_norm must be > 0 under DP")
+    grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
     if grad_sample_mode == "book":
         from storefed.privacy.book_keeping import check_supported
 

@@ -46,7 +46,7 @@ class MerchantPrivacy:
     noise_multiplier: Optional[float] = None  # None: planned so planned_rounds fit the budget
     planned_rounds: int = 2
     accountant: str = "rdp"
-    grad_sample_mode: str = "ghost"
+    grad_sample_mode: str = "auto"
     ledger_dir: Optional[str] = None  # simulation: the run's ledgers/ dir; deployment: node config
     # privacy.mode=distributed (privacy/skellam.py): the round's public Skellam plan
     mode: str = "local"  # local | distributed

@@ -145,7 +145,9 @@ class PrivacyConfig:
     noise_multiplier: str = "auto"  # auto (planned so planned_rounds fit the budget) or a number > 0
     planned_rounds: Optional[int] = None  # default: 2x expected participations (min 2, max rounds)
     accountant: str = "rdp"  # rdp | prv (Opacus accountants)
-    grad_sample_mode: str = "ghost"  # ghost | hooks
+    # per-unit clipping: auto (book where every trainable layer is Linear/Embedding, the recommenders; else
+    # ghost) | book (book-keeping, one backward pass) | ghost (Opacus ghost clipping, two) | hooks (Opacus)
+    grad_sample_mode: str = "auto"
     ledger_dir: Optional[str] = None  # default: <run_dir>/ledgers
     # local: each merchant's update is DP on its own. distributed: each round is ONE DP-SGD step over the
     # union of the merchants' units, merchants add integer Skellam noise shares, secure aggregation sums them

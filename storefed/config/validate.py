@@ -18,7 +18,7 @@ from storefed.config import schema as s
 
 DEVICES = "auto | cpu | cuda | cuda:N"
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("ghost", "hooks")
+GRAD_SAMPLE_MODES = ("auto", "book", "ghost", "hooks")  # privacy/dp_sgd.py (the config layer cannot import it)
 CENTRAL_MODES = ("none", "fixed", "adaptive")
 OPTIMIZERS = ("adam", "sgd")
 
