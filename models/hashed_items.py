@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from storefed.models.category_tables import add_category_tables
+
 PAD = 0  # history index 0 is padding; catalog item i appears in histories as i + 1
 HASH_PRIME = 2**31 - 1  # a Mersenne prime: (a * i + c) stays below 2^62 for item indices < 2^31
 HASH_SEED = 20240611  # public and fixed: every party derives the same hash functions from it
@@ -74,13 +76,7 @@ class HashedHistoryRecommender(nn.Module):
             self.bucket_embedding.weight.mul_(1.0 / math.sqrt(self.hashes))
             self.bucket_output.weight.mul_(1.0 / math.sqrt(self.hashes))
             self.bucket_output.bias.mul_(1.0 / math.sqrt(self.hashes))
-        self.category_embedding = self.category_output = None
-        if item_categories is not None:
-            count = int(item_categories.max()) + 1
-            self.register_buffer("item_category", torch.cat([torch.zeros(1, dtype=torch.long), item_categories + 1]),
-                                 persistent=False)  # public catalog data, index 0 = padding
-            self.category_embedding = nn.Embedding(count + 1, dim, padding_idx=PAD)
-            self.category_output = nn.Linear(dim, count, bias=False)
+        add_category_tables(self, item_categories, dim)
 
     def rows(self, items: torch.Tensor) -> torch.Tensor:
         """Bucket rows ``(..., h)`` of catalog item indices (0-based)."""

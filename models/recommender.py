@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from storefed.config.schema import RecommenderConfig
 from storefed.data.schema import Catalog, MerchantData
+from storefed.models.category_tables import add_category_tables
 from storefed.models.hashed_items import HashedHistoryRecommender, sampled_negatives
 
 PAD = 0  # item index 0 is padding; catalog item i is embedded at i + 1
@@ -46,13 +47,7 @@ class HistoryRecommender(nn.Module):
         self.item_embedding = nn.Embedding(num_items + 1, dim, padding_idx=PAD)
         self.user_tower = nn.Sequential(nn.Linear(dim, dim), nn.Tanh())
         self.output = nn.Linear(dim, num_items)
-        self.category_embedding = self.category_output = None
-        if item_categories is not None:
-            count = int(item_categories.max()) + 1
-            self.register_buffer("item_category", torch.cat([torch.zeros(1, dtype=torch.long), item_categories + 1]),
-                                 persistent=False)  # public catalog data, index 0 = padding
-            self.category_embedding = nn.Embedding(count + 1, dim, padding_idx=PAD)
-            self.category_output = nn.Linear(dim, count, bias=False)
+        add_category_tables(self, item_categories, dim)
 
     def forward(self, history: torch.Tensor) -> torch.Tensor:
         mask = (history != PAD).unsqueeze(-1).to(self.item_embedding.weight.dtype)
