@@ -23,6 +23,7 @@ ROUNDS = 4
 def _args(run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "storefed", "simulate", "federation.num_stores=4", "federation.stores_per_round=3",
             f"federation.rounds={ROUNDS}", "data.generator.num_items=200", "privacy.planned_rounds=6",
+            "task.epochs=40",  # rounds long enough (about 1 s) to be killed in the middle of one
             f"run_dir={run_dir}", *extra]
 
 
@@ -43,7 +44,7 @@ def test_sigkilled_simulation_resumes_without_missing_or_duplicate_rounds_or_led
         while len(_rounds(run_dir)) < 2 and first.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         assert len(_rounds(run_dir)) >= 2, (tmp_path / "first.log").read_text()[-2000:]
-        time.sleep(1.0)  # into round 3: some merchants may already have trained and recorded it
+        time.sleep(0.3)  # into round 3: some merchants may already have trained and recorded it
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
