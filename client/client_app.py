@@ -20,6 +20,7 @@ setup_console()  # every ClientApp process (Ray actors, flwr-clientapp): one han
 from storefed.client.fault_injection import fail_if_injected  # noqa: E402
 from storefed.client.secure_train import secure_aggregation_router  # noqa: E402
 from storefed.client.training_round import TrainOutcome, load_round, train_round  # noqa: E402
+from storefed.client.warm_up import warm_up  # noqa: E402
 from storefed.wire import ARRAYS, CONFIG, METRICS, PRIVACY, PROXIMAL_MU, SERVER_ROUND, RoundConfig  # noqa: E402
 
 app = ClientApp()
@@ -53,3 +54,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     )
     metrics = task.evaluate(model.to(device), data, device)
     return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query("warmup")
+def warmup(msg: Message, context: Context) -> Message:
+    """Simulation only (server/warm_up.py): import and build the public catalog and model before round 1."""
+    done = warm_up(RoundConfig.from_record(msg.content[CONFIG]))
+    return Message(content=RecordDict({METRICS: MetricRecord(done)}), reply_to=msg)

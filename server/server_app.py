@@ -36,10 +36,11 @@ from storefed.server.checkpoint import (
 )
 from storefed.server.progress import ProgressGrid, RoundDisplay, make_display
 from storefed.server.run_log import RunLog, budget_summary
-from storefed.server.run_setup import RunFailed, check_someone_trained, prepare_run, write_status
+from storefed.server.run_setup import RunFailed, check_someone_trained, prepare_run, round_config, write_status
 from storefed.server.screening import RoundScreening
 from storefed.server.secure_aggregation import run_secure_federation
 from storefed.server.strategy import build_strategy
+from storefed.server.warm_up import save_warm_up, warm_actors
 
 
 def run_federation(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay | None = None) -> dict:
@@ -128,10 +129,17 @@ def _run(grid: Grid, settings: RunConfig, run_dir: Path, display: RoundDisplay |
     return summary
 
 
-def run_configured(grid: Grid, context: Context, settings: RunConfig, run_dir: Path) -> None:
-    """The plain or the SecAgg+ federation (``privacy.secure_aggregation``; always for ``privacy.mode=distributed``)."""
+def run_configured(grid: Grid, context: Context, settings: RunConfig, run_dir: Path, warm_up_actors: int = 0) -> None:
+    """The plain or the SecAgg+ federation (``privacy.secure_aggregation``; always for ``privacy.mode=distributed``).
+
+    ``warm_up_actors`` (simulation): that many Ray actors are warmed before round 1 (server/warm_up.py)."""
     torch.set_num_threads(1)
     display = make_display()
+    if warm_up_actors > 0:
+        config = ConfigRecord(round_config(settings, run_dir).to_record())
+        warmed = warm_actors(grid, config, warm_up_actors, float(settings.federation.round_timeout_s))
+        save_warm_up(run_dir, warmed)
+        display.note(warmed.line())
     grid = ProgressGrid(grid, display.exchange)
     try:
         if settings.privacy.secure_aggregation or settings.privacy.mode == "distributed":
@@ -142,13 +150,13 @@ def run_configured(grid: Grid, context: Context, settings: RunConfig, run_dir: P
         display.close()
 
 
-def make_server_app(settings: RunConfig, run_dir: Path) -> ServerApp:
+def make_server_app(settings: RunConfig, run_dir: Path, warm_up_actors: int = 0) -> ServerApp:
     """A ServerApp bound to a composed configuration (used by the simulation runner)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_configured(grid, context, settings, run_dir)
+        run_configured(grid, context, settings, run_dir, warm_up_actors)
 
     return server_app
 

@@ -24,6 +24,7 @@ from storefed.console import setup_console
 from storefed.flower_env import prepare_simulation_environment
 from storefed.server.run_setup import RunFailed, check_run_dir
 from storefed.server.server_app import make_server_app
+from storefed.simulations import flower_engine
 from storefed.simulations.checks import check_run
 from storefed.simulations.ray_cluster import ClusterError, connect, start_local, stop_ray
 
@@ -57,6 +58,7 @@ def simulate(settings: RunConfig) -> dict:
     if cluster is not None:
         atomic_write_text(run_dir / "ray_cluster.json", json.dumps(cluster.as_dict(), indent=2))
     setup_console(simulated_merchants=True)  # the run's table speaks for the merchants; -v shows their lines
+    flower_engine.install()  # a round's cost independent of the fleet size (simulations/flower_engine.py)
     if cluster is None:
         start_local()  # token authentication on (storefed/flower_env.py: Ray cannot be bound to loopback)
     backend_config = {"client_resources": {"num_cpus": federation.client_cpus, "num_gpus": federation.client_gpus}}
@@ -64,9 +66,12 @@ def simulate(settings: RunConfig) -> dict:
           f"{federation.rounds} rounds, task={settings.task.name}, run dir {run_dir}", flush=True)
     if cluster is not None:
         print(f"  on the {cluster.line()}", flush=True)
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    actors = pool_size_from_resources(backend_config["client_resources"])  # Flower's own count of its actor pool
     try:
         run_simulation(
-            server_app=make_server_app(settings, run_dir),
+            server_app=make_server_app(settings, run_dir, warm_up_actors=actors if federation.warm_up else 0),
             client_app=client_app,
             num_supernodes=federation.num_stores,
             backend_config=backend_config,

@@ -33,6 +33,58 @@ from storefed.console import setup_console
 from storefed.simulations.deployment_load import _tree_rss_mib
 
 
+def fleet_state(num_nodes: int, pending: int):
+    """Flower's in-memory LinkState with ``num_nodes`` registered simulation nodes and one undelivered
+    message for each of the last ``pending`` of them (so that Flower's sweep reaches them last):
+    ``(state, {node_id: partition_id}, pending node ids)``."""
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    mapping = vce_api._register_nodes(num_nodes, factory)
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, "bench", "serverapp")
+    identity = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SUPERLINK_NODE_ID  # as a ServerApp
+    targets = list(mapping)[-pending:]
+    try:
+        for node_id in targets:
+            message = Message(RecordDict(), dst_node_id=node_id, message_type="query")
+            message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid assigns on push
+            if state.store_message_ins(message) is None:
+                raise RuntimeError("Flower refused a benchmark message")
+    finally:
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = identity  # this process is no ServerApp
+    return state, mapping, targets
+
+
+def poll_sweep_seconds(poller, num_nodes: int, pending: int) -> float:
+    """Seconds until ``poller`` (Flower's or ours) has queued every pending message of a fresh fleet state:
+    one full sweep over the nodes for Flower's, which repeats it every 0.1 s for the whole round."""
+    import threading
+    from queue import Queue
+
+    state, mapping, targets = fleet_state(num_nodes, pending)
+    queue, stop = Queue(), threading.Event()
+    start = time.perf_counter()
+    thread = threading.Thread(target=poller, args=(state, queue, mapping, stop), daemon=True)
+    thread.start()
+    got = [queue.get(timeout=120) for _ in targets]
+    seconds = time.perf_counter() - start
+    stop.set()
+    thread.join()
+    if sorted(m.metadata.dst_node_id for m in got) != sorted(targets):
+        raise RuntimeError("the poller delivered other messages than the pending ones")
+    return seconds
+
+
 def _simulate(stores: int, per_round: int, rounds: int, run_dir: Path) -> tuple[float, float]:
     """Run one simulation; (wall seconds, peak resident MiB of its process tree)."""
     command = [sys.executable, "-m", "storefed", "simulate", "task=recommender", f"federation.num_stores={stores}",

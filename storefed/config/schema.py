@@ -226,6 +226,9 @@ class FederationConfig:
     # simulation: an existing Ray cluster to run the virtual merchants on (its head's host:port, as
     # `ray start --head` prints it, or auto); null: a private local Ray started for the run
     ray_address: Optional[str] = None
+    # simulation: before round 1 every Ray actor imports the merchant stack and builds the public catalog
+    # and model (one warm-up message each, timed on its own), so that round 1 costs what a later round does
+    warm_up: bool = True
     # the coordinator rejects an update whose L2 distance to the global model exceeds this (null: no bound;
     # not checkable under secure aggregation, where the coordinator sees only the sum)
     max_update_norm: Optional[float] = None
