@@ -97,7 +97,8 @@ def distributed_share(
     else:
         sampled = np.flatnonzero(rng.random(len(dataset)) < q)
         model.to(device).train()
-        signal, loss = clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names)
+        signal, loss = clipped_sum(task, model, dataset, sampled, privacy.max_grad_norm, device, names,
+                                   privacy.grad_sample_mode)
     record = ledger.record_distributed_round(config.run_id, server_round, plan, q)
     message = encode(signal, plan, rng, signal_bound)
     log.info(
@@ -148,8 +149,10 @@ def prior_share(config: RoundConfig, server_round: int, node_config: dict[str, A
 
 def clipped_sum(
     task: Task, model: nn.Module, dataset, sampled: np.ndarray, clip: float, device: torch.device, names: list[str],
+    grad_sample_mode: str = "auto",
 ) -> tuple[np.ndarray, float]:
-    """Flattened sum of the sampled units' clipped gradients over ``names`` (zeros if none sampled)."""
+    """Flattened sum of the sampled units' clipped gradients over ``names`` (zeros if none sampled;
+    book-keeping where it applies, privacy/dp_sgd.clipped_gradient_sum)."""
     dim = sum(model.state_dict()[n].numel() for n in names)
     if len(sampled) == 0:
         return np.zeros(dim), 0.0
@@ -164,7 +167,7 @@ def clipped_sum(
         return loss
 
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    sums = dict(zip(trainable, clipped_gradient_sum(model, loss_of, clip)))
+    sums = dict(zip(trainable, clipped_gradient_sum(model, loss_of, clip, grad_sample_mode)))
     state = model.state_dict()
     flat = torch.cat([(sums[n] if n in sums else torch.zeros_like(state[n])).reshape(-1).cpu() for n in names])
     return flat.double().numpy(), losses[0]

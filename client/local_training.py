@@ -53,7 +53,8 @@ class LocalTrainingResult:
     plan: SamplingPlan
 
 
-def _optimizer(model: nn.Module, cfg: LocalTrainingConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: LocalTrainingConfig) -> torch.optim.Optimizer:
+    """The task's optimizer over the trainable parameters (the first one built in a process imports torch._dynamo)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr)
@@ -83,7 +84,7 @@ def train_local(
         return LocalTrainingResult(0, 0.0, len(dataset), plan)
     model.to(device).train()
     anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = _optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=dp is None)
     weights = getattr(task, "class_weights", None)  # fixed in config, never from the data
     criterion: nn.Module = nn.CrossEntropyLoss(weight=None if weights is None else weights.to(device))

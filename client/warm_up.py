@@ -11,16 +11,17 @@ import os
 import time
 
 from storefed.client.device import choose_device
+from storefed.client.local_training import local_training_config, make_optimizer
 from storefed.data.sources import coordinator_catalog
 from storefed.models.task import build_task
 from storefed.wire import RoundConfig
 
 
 def warm_up(config: RoundConfig) -> dict[str, float]:
-    """Build the public catalog and the task's model in this process; ``{"pid", "seconds"}``."""
+    """Build the public catalog, the task's model and its optimizer in this process; ``{"pid", "seconds"}``."""
     started = time.perf_counter()
     catalog = coordinator_catalog(config.data, config.seed)
     task = build_task(config.task, catalog, seed=config.seed, privacy_unit=config.privacy.unit,
                       device=choose_device(config.device))
-    task.build_model()
+    make_optimizer(task.build_model(), local_training_config(config.task))  # torch imports _dynamo here: ~1 s
     return {"pid": float(os.getpid()), "seconds": time.perf_counter() - started}

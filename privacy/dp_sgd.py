@@ -162,14 +162,22 @@ def clipped_gradient_sum(
     model: nn.Module,
     loss_of: Callable[[nn.Module], torch.Tensor],
     max_grad_norm: float,
+    grad_sample_mode: str = "auto",
 ) -> list[torch.Tensor]:
     """The sum over a batch of each DP unit's gradient clipped to L2 norm ``max_grad_norm``, no noise.
 
     For distributed DP (privacy/skellam.py): the merchant adds only its integer noise share after
-    this. ``loss_of(module)`` returns the *sum* of the batch's per-unit losses. Per-sample gradients and
-    clipping are Opacus' (``GradSampleModule`` + ``DPOptimizer.clip_and_accumulate``). Returns one tensor
-    per trainable parameter, in ``model.parameters()`` order; ``model`` is left unwrapped.
+    this. ``loss_of(module)`` returns the *sum* of the batch's per-unit losses. ``grad_sample_mode``:
+    ``auto`` and ``book`` use book-keeping (one backward pass, privacy/book_keeping.py) where every
+    trainable layer is supported, else (and for ``hooks`` / ``ghost``, whose Opacus form has no
+    noise-free clipped sum) Opacus' per-sample gradients and clipping (``GradSampleModule`` +
+    ``DPOptimizer.clip_and_accumulate``). Returns one tensor per trainable parameter, in
+    ``model.parameters()`` order; ``model`` is left unwrapped.
     """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
+    if grad_sample_mode == "book" or resolve_grad_sample_mode(model, grad_sample_mode) == "book":
+        return _book_clipped_sum(model, loss_of, max_grad_norm)
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
@@ -186,3 +194,26 @@ def clipped_gradient_sum(
         optimizer.zero_grad(set_to_none=True)
         wrapped._close()
     return sums
+
+
+def _book_clipped_sum(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor],
+                      max_grad_norm: float) -> list[torch.Tensor]:
+    """:func:`clipped_gradient_sum` by book-keeping (raises, naming it, on an unsupported layer)."""
+    from storefed.privacy.book_keeping import BookKeeping
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    book = BookKeeping(model, loss_reduction="sum")
+    try:
+        for p in params:
+            p.grad = None
+        loss_of(model).backward()
+        if any(p.grad is not None and bool(p.grad.any()) for p in params):
+            raise RuntimeError("book-keeping: a trainable parameter received an ordinary (unclipped) gradient: "
+                               "it is used outside its layer's forward (tied or shared weights are not supported)")
+        with torch.no_grad():
+            sums = book.clipped_sums(max_grad_norm)
+        return [sums[p].detach().view_as(p) for p in params]
+    finally:
+        for p in params:
+            p.grad = None
+        book.close()

@@ -40,6 +40,9 @@ import torch
 
 RUSAGE_UNIT = 1024  # ru_maxrss is in KiB on Linux
 MODES = {"non-private": None, "dp-ghost": "ghost", "dp-book": "book"}
+# privacy.mode=distributed: each round is ONE per-unit clipped gradient sum over the sampled customers
+# (client/distributed_round.clipped_sum), by Opacus hooks (before) or book-keeping (grad_sample_mode=auto)
+DISTRIBUTED_MODES = {"dist-hooks": "hooks", "dist-book": "book"}
 
 
 def _rss_mb() -> float:
@@ -75,17 +78,20 @@ def measure(spec: dict) -> dict:
     model = task.build_model()
     state = model.state_dict()
     params = sum(state[k].numel() for k in task.shared_keys(model))
-    mode = MODES[spec["mode"]]
-    dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode) if mode else None
-    local = LocalTrainingConfig(1, batch, 0.01)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    train_local(task, task.build_model(), dataset, local, dp, device)  # warm-up session
-    start = time.perf_counter()
-    result = train_local(task, model, dataset, local, dp, device)
+    if spec["mode"] in DISTRIBUTED_MODES:
+        seconds, steps = _distributed_sums(task, model, dataset, DISTRIBUTED_MODES[spec["mode"]], device, spec)
+    else:
+        mode = MODES[spec["mode"]]
+        dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode) if mode else None
+        local = LocalTrainingConfig(1, batch, 0.01)
+        train_local(task, task.build_model(), dataset, local, dp, device)  # warm-up session
+        start = time.perf_counter()
+        steps = train_local(task, model, dataset, local, dp, device).steps
+        seconds = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
     model.eval()
     test = [(h[:-1], int(h[-1])) for h in histories[:256]]
     start = time.perf_counter()
@@ -105,8 +111,24 @@ def measure(spec: dict) -> dict:
     accel = torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else None
     return {**spec, "device": str(device), "params": int(params), "update_mb": params * 4 / 1e6,
             "base_rss_mb": round(base, 1), "peak_rss_mb": round(peak, 1), "train_rss_mb": round(peak - base, 1),
-            "accel_peak_mb": accel, "steps": result.steps, "s_per_step": seconds / max(result.steps, 1),
+            "accel_peak_mb": accel, "steps": steps, "s_per_step": seconds / max(steps, 1),
             "eval_s_per_256_customers": eval_seconds, "torch": torch.__version__}
+
+
+def _distributed_sums(task, model, dataset, grad_sample_mode: str, device, spec: dict) -> tuple[float, int]:
+    """Seconds of ``spec["steps"]`` distributed-mode clipped sums of ``batch`` customers each (after one
+    warm-up sum), through the product's own ``client.distributed_round.clipped_sum``."""
+    from storefed.client.distributed_round import clipped_sum
+
+    model.to(device).train()
+    names = task.shared_keys(model)
+    batch = spec["batch"]
+    clipped_sum(task, model, dataset, np.arange(batch), 1.0, device, names, grad_sample_mode)  # warm-up
+    start = time.perf_counter()
+    for step in range(spec["steps"]):
+        clipped_sum(task, model, dataset, np.arange(step * batch, (step + 1) * batch), 1.0, device, names,
+                    grad_sample_mode)
+    return time.perf_counter() - start, spec["steps"]
 
 
 def _run_child(spec: dict, timeout: float) -> dict:
@@ -165,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per timed session")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per subprocess")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES), help="modes to measure")
+    parser.add_argument("--modes", nargs="+", choices=[*MODES, *DISTRIBUTED_MODES], default=list(MODES),
+                        help="modes to measure (dist-*: privacy.mode=distributed's one clipped sum per round)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per subprocess")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--skip-full-at-1m", dest="full_at_1m", action="store_false", default=False,

@@ -9,7 +9,9 @@ DP training, ledger: everything a merchant does, without Flower and Ray). Printe
 
 - harness round / the same merchants' rounds in one process, per round after the first;
 - round 1 / the median later round (actor start-up, imports);
-- peak memory per fleet size (flat means stores are generated only when their client needs them).
+- peak memory per fleet size (flat means stores are generated only when their client needs them);
+- the warm-up before round 1 (server/warm_up.py) and one poll sweep of Flower's engine over its nodes,
+  with ``--stock`` also for Flower's engine unchanged without warm-up (simulations/flower_engine.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from storefed.cache_dir import cache_root
 from storefed.console import setup_console
 from storefed.simulations.deployment_load import _tree_rss_mib
+from storefed.simulations.flower_engine import STOCK_ENGINE_ENV, _flower_poll, poll_pending_nodes
 
 
 def fleet_state(num_nodes: int, pending: int):
@@ -85,13 +88,17 @@ def poll_sweep_seconds(poller, num_nodes: int, pending: int) -> float:
     return seconds
 
 
-def _simulate(stores: int, per_round: int, rounds: int, run_dir: Path) -> tuple[float, float]:
-    """Run one simulation; (wall seconds, peak resident MiB of its process tree)."""
+def _simulate(stores: int, per_round: int, rounds: int, run_dir: Path, stock: bool = False) -> tuple[float, float]:
+    """Run one simulation; (wall seconds, peak resident MiB of its process tree). ``stock``: Flower's
+    engine unchanged and no warm-up (what the harness was before simulations/flower_engine.py)."""
     command = [sys.executable, "-m", "storefed", "simulate", "task=recommender", f"federation.num_stores={stores}",
                f"federation.stores_per_round={per_round}", "federation.eval_stores_per_round=0",
-               f"federation.rounds={rounds}", f"run_dir={run_dir}"]
+               f"federation.rounds={rounds}", f"run_dir={run_dir}", f"federation.warm_up={str(not stock).lower()}"]
+    env = dict(os.environ)
+    if stock:
+        env[STOCK_ENGINE_ENV] = "stock"
     start, peak = time.monotonic(), 0.0
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     while proc.poll() is None:
         peak = max(peak, _tree_rss_mib([proc.pid]))
         time.sleep(0.5)
@@ -145,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
     parser.add_argument("--cold", action="store_true", help="empty the on-disk RDP cache first (a fresh machine)")
+    parser.add_argument("--stock", action="store_true",
+                        help="also run each size on Flower's engine unchanged, without warm-up, side by side")
     args = parser.parse_args(argv)
     setup_console(simulated_merchants=True)  # the in-process replay's merchant lines stay quiet, as in simulation
     sizes = [int(s) for s in args.stores.split(",")]
@@ -152,37 +161,50 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and any(out.iterdir()):
         print(f"storefed bench scale: --out {out} is not empty; give a new folder", file=sys.stderr)
         return 2
-    if args.cold:
-        shutil.rmtree(cache_root() / "rdp", ignore_errors=True)
     rows = []
     for stores in sizes:
-        run_dir = out / f"stores-{stores}"
-        wall, peak = _simulate(stores, args.per_round, args.rounds, run_dir)
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        harness = {int(m["round"]): float(m["train_seconds"]) for m in metrics}
-        local = _in_process(run_dir, _rounds_of(run_dir))
-        later = [r for r in harness if r > 1]
-        row = {
-            "stores": stores, "per_round": args.per_round, "rounds": args.rounds, "wall_s": round(wall, 1),
-            "peak_rss_mib": round(peak), "harness_round_s": harness, "in_process_round_s": local,
-            "round1_over_later": harness[1] / statistics.median(harness[r] for r in later),
-            "harness_over_in_process_later": statistics.median(harness[r] / local[r] for r in later),
-            "device": "cpu", "cpus": os.cpu_count(), "client_cpus": 1,
-        }
-        rows.append(row)
-        print(json.dumps(row, default=lambda v: round(v, 3)), flush=True)
+        for stock in (False, True) if args.stock else (False,):
+            if args.cold:  # every run starts from a fresh machine's caches
+                shutil.rmtree(cache_root() / "rdp", ignore_errors=True)
+            rows.append(_measure(stores, args, out / f"stores-{stores}{'-stock' if stock else ''}", stock))
+            print(json.dumps(rows[-1], default=lambda v: round(v, 4)), flush=True)
+    _print_table(rows, args)
+    return 0
+
+
+def _measure(stores: int, args: argparse.Namespace, run_dir: Path, stock: bool) -> dict:
+    wall, peak = _simulate(stores, args.per_round, args.rounds, run_dir, stock)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    harness = {int(m["round"]): float(m["train_seconds"]) for m in metrics}
+    local = _in_process(run_dir, _rounds_of(run_dir))
+    later = [r for r in harness if r > 1]
+    warm = run_dir / "warm_up.json"
+    return {
+        "stores": stores, "engine": "flower-stock" if stock else "storefed", "per_round": args.per_round,
+        "rounds": args.rounds, "wall_s": round(wall, 1), "peak_rss_mib": round(peak),
+        "warm_up_s": json.loads(warm.read_text())["seconds"] if warm.exists() else 0.0,
+        "harness_round_s": harness, "in_process_round_s": local,
+        "round1_over_later": harness[1] / statistics.median(harness[r] for r in later),
+        "harness_over_in_process_later": statistics.median(harness[r] / local[r] for r in later),
+        "poll_sweep_s": poll_sweep_seconds(_flower_poll if stock else poll_pending_nodes, stores, args.per_round),
+        "device": "cpu", "cpus": os.cpu_count(), "client_cpus": 1,
+    }
+
+
+def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nstorefed bench scale: recommender, local DP, {args.per_round} merchants per round, {args.rounds} rounds, "
-          f"no evaluation rounds; {os.cpu_count()} CPUs, 1 CPU per virtual client; round = train phase wall clock\n")
-    print("stores | peak memory MiB (process tree) | round 1 s | later rounds s (median) | same merchants in one "
-          "process s (median) | harness / in-process | round 1 / later")
-    print("--- | --- | --- | --- | --- | --- | ---")
+          f"no evaluation rounds; {os.cpu_count()} CPUs, 1 CPU per virtual client; round = train phase wall clock; "
+          f"poll sweep = one pass of the engine over its nodes with {args.per_round} messages pending\n")
+    print("stores | engine | peak memory MiB (process tree) | warm-up s | round 1 s | later rounds s (median) | "
+          "same merchants in one process s (median) | harness / in-process | round 1 / later | poll sweep s | run wall s")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
     for row in rows:
         later = [r for r in row["harness_round_s"] if r > 1]
-        print(f"{row['stores']:,} | {row['peak_rss_mib']:,} | {row['harness_round_s'][1]:.1f} | "
-              f"{statistics.median(row['harness_round_s'][r] for r in later):.1f} | "
+        print(f"{row['stores']:,} | {row['engine']} | {row['peak_rss_mib']:,} | {row['warm_up_s']:.1f} | "
+              f"{row['harness_round_s'][1]:.1f} | {statistics.median(row['harness_round_s'][r] for r in later):.1f} | "
               f"{statistics.median(row['in_process_round_s'][r] for r in later):.1f} | "
-              f"{row['harness_over_in_process_later']:.2f}x | {row['round1_over_later']:.2f}x")
-    return 0
+              f"{row['harness_over_in_process_later']:.2f}x | {row['round1_over_later']:.2f}x | "
+              f"{row['poll_sweep_s']:.4f} | {row['wall_s']:.0f}")
 
 
 if __name__ == "__main__":

@@ -121,12 +121,43 @@ def test_integers_survive_flower_secaggplus_arithmetic_exactly():
     assert np.array_equal(np.rint(vector * n).astype(np.int64), np.sum(messages, axis=0))
 
 
-def test_clipped_gradient_sum_is_per_unit_clipping():
+class _Pooled(torch.nn.Module):
+    """A history-pooled model (the recommender's shape): embedding rows averaged, then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.items, self.out = torch.nn.Embedding(12, 5, padding_idx=0), torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.items(x).mean(dim=1))
+
+
+@pytest.mark.parametrize("mode", ["auto", "book", "hooks"])
+@pytest.mark.parametrize("shape", ["mlp", "pooled", "layernorm"])
+def test_clipped_gradient_sum_is_per_unit_clipping(mode, shape):
+    """Book-keeping (auto/book) and Opacus hooks give the same per-unit clipped sum as clipping each
+    unit's own gradient; auto falls back to hooks for a LayerNorm, book refuses it by name."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3))
-    x, y = torch.randn(9, 6) * 5, torch.randint(0, 3, (9,))
+    if shape == "pooled":
+        model, x = _Pooled(), torch.randint(1, 12, (9, 4))  # no padding: Opacus hooks would give row 0 a gradient
+    else:
+        layers = [torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)]
+        if shape == "layernorm":
+            layers.insert(1, torch.nn.LayerNorm(4))
+        model, x = torch.nn.Sequential(*layers), torch.randn(9, 6) * 5
+    y = torch.randint(0, 3, (9,))
     clip = 0.5
-    ours = clipped_gradient_sum(model, lambda m: torch.nn.functional.cross_entropy(m(x), y, reduction="sum"), clip)
+
+    def loss_of(m):
+        return torch.nn.functional.cross_entropy(m(x), y, reduction="sum")
+
+    if shape == "layernorm" and mode == "book":
+        with pytest.raises(ValueError, match="LayerNorm"):
+            clipped_gradient_sum(model, loss_of, clip, mode)
+        return
+    ours = clipped_gradient_sum(model, loss_of, clip, mode)
+    assert all(p.grad is None for p in model.parameters()), "no gradient is left on the model"
+    assert all("forward" not in vars(m) for m in model.modules()), "book-keeping's recording forwards are undone"
     expected = [torch.zeros_like(p) for p in model.parameters()]
     for i in range(9):
         model.zero_grad()
@@ -138,6 +169,7 @@ def test_clipped_gradient_sum_is_per_unit_clipping():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(ours, expected))
     assert not hasattr(model, "_module") and all(not hasattr(p, "grad_sample") or p.grad_sample is None
                                                  for p in model.parameters())
+
 
 
 def test_unit_losses_average_a_reviewers_reviews():

@@ -146,7 +146,8 @@ class PrivacyConfig:
     planned_rounds: Optional[int] = None  # default: 2x expected participations (min 2, max rounds)
     accountant: str = "rdp"  # rdp | prv (Opacus accountants)
     # per-unit clipping: auto (book where every trainable layer is Linear/Embedding, the recommenders; else
-    # ghost) | book (book-keeping, one backward pass) | ghost (Opacus ghost clipping, two) | hooks (Opacus)
+    # ghost) | book (book-keeping, one backward pass) | ghost (Opacus ghost clipping, two) | hooks (Opacus);
+    # privacy.mode=distributed: auto/book as above, else (and ghost) Opacus hooks
     grad_sample_mode: str = "auto"
     ledger_dir: Optional[str] = None  # default: <run_dir>/ledgers
     # local: each merchant's update is DP on its own. distributed: each round is ONE DP-SGD step over the
