@@ -137,7 +137,8 @@ def run_configured(grid: Grid, context: Context, settings: RunConfig, run_dir: P
     display = make_display()
     if warm_up_actors > 0:
         config = ConfigRecord(round_config(settings, run_dir).to_record())
-        warmed = warm_actors(grid, config, warm_up_actors, float(settings.federation.round_timeout_s))
+        warmed = warm_actors(grid, config, min(warm_up_actors, settings.federation.num_stores),
+                             float(settings.federation.round_timeout_s))
         save_warm_up(run_dir, warmed)
         display.note(warmed.line())
     grid = ProgressGrid(grid, display.exchange)

@@ -26,6 +26,7 @@ from storefed.wire import CONFIG, METRICS
 
 WARM_UP_MESSAGE = "query.warmup"
 WARM_UP_FILE = "warm_up.json"
+NODE_POLL_S = 0.2  # while the simulation registers its nodes
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,26 @@ class WarmUp:
 
 
 def warm_actors(grid: Grid, config: ConfigRecord, actors: int, timeout_s: float) -> WarmUp:
-    """Send ``actors`` warm-up messages to distinct nodes and wait for their replies (at most ``timeout_s``)."""
+    """Send ``actors`` warm-up messages to distinct nodes and wait for their replies (at most ``timeout_s``
+    in all). The simulation registers its nodes while the ServerApp starts: wait until ``actors`` are there."""
     started = time.monotonic()
-    node_ids = list(grid.get_node_ids())[:actors]
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < actors and time.monotonic() - started < timeout_s:
+        time.sleep(NODE_POLL_S)
+        node_ids = list(grid.get_node_ids())
+    node_ids = node_ids[:actors]
     messages = [Message(RecordDict({CONFIG: config}), dst_node_id=node_id, message_type=WARM_UP_MESSAGE)
                 for node_id in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout_s)) if messages else []
+    left = max(timeout_s - (time.monotonic() - started), 1.0)
+    replies = list(grid.send_and_receive(messages, timeout=left)) if messages else []
     pids, errors = set(), []
     for reply in replies:
         if reply.has_error():
             errors.append(reply.error.reason)
         else:
             pids.add(int(reply.content[METRICS]["pid"]))
+    if len(messages) < actors:
+        errors.append(f"only {len(messages)} of {actors} node(s) registered within {timeout_s:g} s")
     missing = len(messages) - len(replies)
     if missing:
         errors.append(f"{missing} warm-up(s) unanswered within {timeout_s:g} s")

@@ -39,3 +39,25 @@ def test_warm_actors_counts_distinct_processes_and_reports_failures(tmp_path):
         failed = warm_actors(InProcessGrid(2), ConfigRecord(missing.to_record()), 2, timeout_s=30)
     assert (failed.sent, failed.actors, len(failed.errors)) == (2, 0, 2)
     assert "none.json.gz" in failed.errors[0] and "2 failed" in failed.line()
+
+
+class _SlowRegistry(InProcessGrid):
+    """Nodes appear one per call of get_node_ids, as while the simulation registers them."""
+
+    def __init__(self, num_nodes: int) -> None:
+        super().__init__(num_nodes)
+        self.calls = 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return list(self.contexts)[: self.calls - 1]
+
+
+def test_warm_up_waits_for_the_nodes_being_registered(tmp_path):
+    config = round_config(base_settings("recommender"), tmp_path / "run")
+    with flower_identity():
+        grid = _SlowRegistry(4)
+        warmed = warm_actors(grid, ConfigRecord(config.to_record()), 3, timeout_s=30)
+        assert (warmed.sent, warmed.errors) == (3, ()) and grid.calls == 4
+        never = warm_actors(_SlowRegistry(1), ConfigRecord(config.to_record()), 3, timeout_s=1)
+    assert never.sent == 1 and "only 1 of 3 node(s) registered within 1 s" in never.errors[0]
