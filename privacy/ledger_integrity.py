@@ -27,7 +27,8 @@ MAC_FIELD = "mac"
 
 
 def ledger_key(directory: Path) -> tuple[bytes, bool]:
-    """(the directory's MAC key, whether it was created now). Created atomically, 0600, on first use."""
+    """(the directory's MAC key, whether it was created now). Created atomically, 0600, on first use;
+    processes creating it at the same moment (Ray actors) all end up with the one that was written first."""
     path = Path(directory) / KEY_FILE
     if path.exists():
         text = path.read_text(encoding="ascii").strip()
@@ -38,8 +39,8 @@ def ledger_key(directory: Path) -> tuple[bytes, bool]:
         if len(key) != 32:
             raise ValueError(f"{path} is not a ledger key (64 hex digits): restore it from backup")
         return key, False
-    atomic_write_bytes(path, os.urandom(32).hex().encode("ascii") + b"\n", mode=0o600)
-    return ledger_key(directory)[0], True
+    created = atomic_write_bytes(path, os.urandom(32).hex().encode("ascii") + b"\n", mode=0o600, exclusive=True)
+    return ledger_key(directory)[0], created
 
 
 def _canonical(payload: dict) -> bytes:
@@ -128,8 +129,8 @@ def bind_directory(directory: Path, merchant_id: str) -> None:
     path = Path(directory) / OWNER_FILE
     if not path.exists():
         payload = {"merchant_id": merchant_id}
-        atomic_write_bytes(path, (json.dumps(payload) + "\n").encode("utf-8"), mode=0o600)
-        return
+        if atomic_write_bytes(path, (json.dumps(payload) + "\n").encode("utf-8"), mode=0o600, exclusive=True):
+            return  # else another process bound it a moment ago: check its owner below
     try:
         owner = json.loads(path.read_text(encoding="utf-8"))["merchant_id"]
     except (OSError, ValueError, KeyError, TypeError) as exc:

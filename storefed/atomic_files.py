@@ -12,8 +12,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` atomically; ``mode`` (e.g. 0o600 for private keys) is set before the rename."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, exclusive: bool = False) -> bool:
+    """Write ``data`` atomically; ``mode`` (e.g. 0o600 for private keys) is set before the rename.
+
+    ``exclusive``: only if ``path`` does not exist yet, also against concurrent writers (the whole file
+    is hard-linked into place, which fails if the name exists); returns whether this call wrote it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -24,7 +27,16 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return True
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

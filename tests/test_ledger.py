@@ -151,3 +151,33 @@ def test_stray_temp_files_of_an_interrupted_write_are_removed_on_open(tmp_path):
     unrelated.write_text("{", encoding="utf-8")
     assert len(_open(tmp_path).rounds) == 1
     assert not stray.exists() and unrelated.exists(), "only this ledger's own leftovers are removed"
+
+
+
+def test_processes_creating_the_ledger_key_at_once_all_get_the_one_written(tmp_path, monkeypatch):
+    """Two Ray actors' first rounds used to race here: each wrote its own key and one ledger's MAC then
+    failed. Four writers start together, each write slowed down (fsync) so that all see no key yet."""
+    import threading
+    import time as _time
+
+    from storefed import atomic_files
+    from storefed.privacy.ledger_integrity import KEY_FILE, ledger_key
+
+    fsync = os.fsync
+    monkeypatch.setattr(atomic_files.os, "fsync", lambda fd: (_time.sleep(0.2), fsync(fd)))
+    barrier, results = threading.Barrier(4), []
+
+    def create() -> None:
+        barrier.wait()
+        key, created = ledger_key(tmp_path)
+        results.append((key.hex(), created))
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    on_disk = (tmp_path / KEY_FILE).read_text(encoding="ascii").strip()
+    assert len(results) == 4 and {key for key, _ in results} == {on_disk}, results
+    assert sum(created for _, created in results) == 1
+    assert not list(tmp_path.glob("*.tmp")), "no temp file left behind"

@@ -34,7 +34,7 @@ def test_small_simulation_runs_end_to_end_and_writes_its_run_dir(tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["trained"] + r["refused"] == 3 for r in rows)
+    assert all(r["trained"] + r["refused"] == 3 for r in rows), done.stdout[-3000:]
     assert all(0.0 <= r["eval_hr@10"] <= 1.0 and "eval_sampled100_hr@10" in r for r in rows)
     assert (run_dir / "metrics.csv").read_text().startswith("round,")
     assert "federation:" in (run_dir / "config.yaml").read_text()
