@@ -297,6 +297,16 @@ def _embedding_clipped_sum(module: nn.Embedding, index, g, c) -> dict[nn.Paramet
     return {module.weight: total}
 
 
+def refuse_ordinary_gradients(params: list[nn.Parameter]) -> None:
+    """Raise if autograd gave a recorded parameter an ordinary (unclipped) gradient: it was used outside
+    its layer's forward, so its per-sample norm would be missing that use."""
+    for p in params:
+        if p.grad is not None and bool(p.grad.any()):
+            raise RuntimeError(
+                f"book-keeping: a parameter of shape {tuple(p.shape)} received an ordinary (unclipped) gradient: "
+                "it is used outside its layer's forward (tied or shared weights are not supported)")
+
+
 class BookKeepingOptimizer:
     """Wraps ``optimizer``: ``step()`` sets each parameter's ``.grad`` to (clipped sum + noise) / expected
     batch size, as Opacus' ``DPOptimizer.pre_step`` does, then steps the wrapped optimizer.
@@ -335,11 +345,7 @@ class BookKeepingOptimizer:
     @torch.no_grad()
     def pre_step(self) -> None:
         """Clipped sum, noise, scaling into ``p.grad``; clears the records."""
-        for p in self.params:
-            if p.grad is not None and bool(p.grad.any()):
-                raise RuntimeError(
-                    f"book-keeping: a parameter of shape {tuple(p.shape)} received an ordinary (unclipped) gradient: "
-                    "it is used outside its layer's forward (tied or shared weights are not supported)")
+        refuse_ordinary_gradients(self.params)
         sums = self.book.clipped_sums(self.max_grad_norm)
         std = self.noise_multiplier * self.max_grad_norm
         for p in self.params:

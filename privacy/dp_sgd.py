@@ -176,7 +176,7 @@ def clipped_gradient_sum(
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
-    if grad_sample_mode == "book" or resolve_grad_sample_mode(model, grad_sample_mode) == "book":
+    if resolve_grad_sample_mode(model, grad_sample_mode) == "book":
         return _book_clipped_sum(model, loss_of, max_grad_norm)
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -199,7 +199,7 @@ def clipped_gradient_sum(
 def _book_clipped_sum(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor],
                       max_grad_norm: float) -> list[torch.Tensor]:
     """:func:`clipped_gradient_sum` by book-keeping (raises, naming it, on an unsupported layer)."""
-    from storefed.privacy.book_keeping import BookKeeping
+    from storefed.privacy.book_keeping import BookKeeping, refuse_ordinary_gradients
 
     params = [p for p in model.parameters() if p.requires_grad]
     book = BookKeeping(model, loss_reduction="sum")
@@ -207,9 +207,7 @@ def _book_clipped_sum(model: nn.Module, loss_of: Callable[[nn.Module], torch.Ten
         for p in params:
             p.grad = None
         loss_of(model).backward()
-        if any(p.grad is not None and bool(p.grad.any()) for p in params):
-            raise RuntimeError("book-keeping: a trainable parameter received an ordinary (unclipped) gradient: "
-                               "it is used outside its layer's forward (tied or shared weights are not supported)")
+        refuse_ordinary_gradients(params)
         with torch.no_grad():
             sums = book.clipped_sums(max_grad_norm)
         return [sums[p].detach().view_as(p) for p in params]

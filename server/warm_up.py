@@ -3,8 +3,9 @@
 A Ray actor imports the merchant stack (torch, Opacus, Flower's SecAgg+ mod: about 5 s on 2 shared
 cores) when it unpickles the ClientApp for its first message. Without a warm-up that lands in round 1
 (4-7x a later round). :func:`warm_actors` sends one ``query.warmup`` message per actor, carrying the
-round config, before the first round: each actor imports once, builds the public catalog and the
-task's model (cached per process by storefed.data.sources) and answers with its process id. No
+round config, before the first round: each actor imports once, builds the public catalog (cached per
+process by storefed.data.sources), the task's model and its optimizer (client/warm_up.py) and answers
+with its process id. No
 merchant data is read and nothing leaves but the pid and seconds. The warm-up's own wall clock is
 reported (``warm_up.json`` and one console line), never folded into a round.
 

@@ -50,21 +50,20 @@ def fleet_state(num_nodes: int, pending: int):
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
 
+    from storefed.simulations.evaluation.federated import flower_identity
+
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     mapping = vce_api._register_nodes(num_nodes, factory)
     state = factory.state()
     run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, "bench", "serverapp")
-    identity = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = run_id, 1, SUPERLINK_NODE_ID  # as a ServerApp
     targets = list(mapping)[-pending:]
-    try:
+    with flower_identity():  # restores this process's identity after
+        TaskIdentity.run_id, TaskIdentity.node_id = run_id, SUPERLINK_NODE_ID  # push as a ServerApp does
         for node_id in targets:
             message = Message(RecordDict(), dst_node_id=node_id, message_type="query")
             message.metadata.__dict__["_message_id"] = message.object_id  # what the Grid assigns on push
             if state.store_message_ins(message) is None:
                 raise RuntimeError("Flower refused a benchmark message")
-    finally:
-        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = identity  # this process is no ServerApp
     return state, mapping, targets
 
 
