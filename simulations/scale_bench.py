@@ -10,8 +10,9 @@ DP training, ledger: everything a merchant does, without Flower and Ray). Printe
 - harness round / the same merchants' rounds in one process, per round after the first;
 - round 1 / the median later round (actor start-up, imports);
 - peak memory per fleet size (flat means stores are generated only when their client needs them);
-- the warm-up before round 1 (server/warm_up.py) and one poll sweep of Flower's engine over its nodes,
-  with ``--stock`` also for Flower's engine unchanged without warm-up (simulations/flower_engine.py).
+- the warm-up before round 1 (server/warm_up.py), one poll sweep of Flower's engine over its nodes and
+  the resident bytes per node of its node registry (each in a fresh process), with ``--stock`` also for
+  Flower's engine unchanged without warm-up (simulations/flower_engine.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,21 @@ from storefed.cache_dir import cache_root
 from storefed.console import setup_console
 from storefed.simulations.deployment_load import _tree_rss_mib
 from storefed.simulations.flower_engine import STOCK_ENGINE_ENV, _flower_poll, poll_pending_nodes
+
+_REGISTRY_CHILD = """
+import sys
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.superlink.federation import NoOpFederationManager
+from storefed.simulations import flower_engine
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
+factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+register = flower_engine.register_nodes_packed if sys.argv[2] == 'packed' else flower_engine._flower_register_nodes
+before = rss()
+mapping = register(int(sys.argv[1]), factory)
+print((rss() - before) / len(mapping))
+"""
 
 
 def fleet_state(num_nodes: int, pending: int):
@@ -85,6 +101,14 @@ def poll_sweep_seconds(poller, num_nodes: int, pending: int) -> float:
     if sorted(m.metadata.dst_node_id for m in got) != sorted(targets):
         raise RuntimeError("the poller delivered other messages than the pending ones")
     return seconds
+
+
+def registry_bytes_per_node(num_nodes: int, packed: bool) -> float:
+    """Resident bytes per node that Flower's in-memory LinkState gains when ``num_nodes`` simulation nodes
+    register, Flower's way or packed (simulations/flower_engine.py), in a fresh process (Linux /proc)."""
+    out = subprocess.run([sys.executable, "-c", _REGISTRY_CHILD, str(num_nodes), "packed" if packed else "flower"],
+                         check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def _simulate(stores: int, per_round: int, rounds: int, run_dir: Path, stock: bool = False) -> tuple[float, float]:
@@ -186,6 +210,7 @@ def _measure(stores: int, args: argparse.Namespace, run_dir: Path, stock: bool) 
         "round1_over_later": harness[1] / statistics.median(harness[r] for r in later),
         "harness_over_in_process_later": statistics.median(harness[r] / local[r] for r in later),
         "poll_sweep_s": poll_sweep_seconds(_flower_poll if stock else poll_pending_nodes, stores, args.per_round),
+        "node_registry_bytes_per_node": registry_bytes_per_node(stores, packed=not stock),
         "device": "cpu", "cpus": os.cpu_count(), "client_cpus": 1,
     }
 
@@ -193,17 +218,19 @@ def _measure(stores: int, args: argparse.Namespace, run_dir: Path, stock: bool) 
 def _print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nstorefed bench scale: recommender, local DP, {args.per_round} merchants per round, {args.rounds} rounds, "
           f"no evaluation rounds; {os.cpu_count()} CPUs, 1 CPU per virtual client; round = train phase wall clock; "
-          f"poll sweep = one pass of the engine over its nodes with {args.per_round} messages pending\n")
+          f"poll sweep = one pass of the engine over its nodes with {args.per_round} messages pending; "
+          f"node registry = resident bytes per registered node in Flower's LinkState (fresh process)\n")
     print("stores | engine | peak memory MiB (process tree) | warm-up s | round 1 s | later rounds s (median) | "
-          "same merchants in one process s (median) | harness / in-process | round 1 / later | poll sweep s | run wall s")
-    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
+          "same merchants in one process s (median) | harness / in-process | round 1 / later | poll sweep s | "
+          "node registry B/node | run wall s")
+    print("--- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | ---")
     for row in rows:
         later = [r for r in row["harness_round_s"] if r > 1]
         print(f"{row['stores']:,} | {row['engine']} | {row['peak_rss_mib']:,} | {row['warm_up_s']:.1f} | "
               f"{row['harness_round_s'][1]:.1f} | {statistics.median(row['harness_round_s'][r] for r in later):.1f} | "
               f"{statistics.median(row['in_process_round_s'][r] for r in later):.1f} | "
               f"{row['harness_over_in_process_later']:.2f}x | {row['round1_over_later']:.2f}x | "
-              f"{row['poll_sweep_s']:.4f} | {row['wall_s']:.0f}")
+              f"{row['poll_sweep_s']:.4f} | {row['node_registry_bytes_per_node']:,.0f} | {row['wall_s']:.0f}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""simulations/flower_engine.py: Flower 1.39's Simulation Engine with polling and node contexts that do
-not grow with the fleet, delivering exactly what Flower's own functions deliver."""
+"""simulations/flower_engine.py: Flower 1.39's Simulation Engine with polling, node contexts and a node
+registry that do not grow with the fleet, delivering exactly what Flower's own functions deliver."""
 
 from __future__ import annotations
 
@@ -58,6 +58,41 @@ def test_lazy_node_stores_build_the_same_context_as_flower_on_first_use():
         lazy[404]
 
 
+def _registry(register, num_nodes: int):
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    mapping = register(num_nodes, factory)
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, "test", "serverapp")
+    return state, mapping, run_id
+
+
+_VARYING = {"node_id", "public_key", "registered_at", "last_activated_at", "online_until"}  # per node / per clock
+
+
+def test_packed_node_registry_holds_what_flowers_registry_holds_and_stays_mutable():
+    flower_state, flower_mapping, flower_run = _registry(flower_engine._flower_register_nodes, 50)
+    state, mapping, run_id = _registry(flower_engine.register_nodes_packed, 50)
+    assert sorted(mapping.values()) == sorted(flower_mapping.values()) == list(range(50))
+    assert state.get_nodes(run_id) == set(mapping) and flower_state.get_nodes(flower_run) == set(flower_mapping)
+    want = next(iter(flower_state.nodes.values()))
+    for node_id, node in state.nodes.items():
+        assert node.node_id == node_id and len(node.public_key) == 32
+        assert state.get_node_id_by_public_key(node.public_key) == node_id
+        assert {f.name: v for f, v in node.ListFields() if f.name not in _VARYING} == {
+            f.name: v for f, v in want.ListFields() if f.name not in _VARYING}
+        assert node.online_until > 1e299  # heartbeat interval "infinite", as Flower's simulation nodes
+    gone = next(iter(mapping))
+    state.delete_node(state.nodes[gone].owner_aid, gone)  # a LinkState write lands in the shared arena
+    assert state.nodes[gone].status == "unregistered" and gone not in state.get_nodes(run_id)
+    assert state.get_nodes(run_id) == set(mapping) - {gone}
+
+
 def test_install_patches_flower_1_39_only_and_stock_leaves_it_alone(monkeypatch):
     try:
         monkeypatch.setenv(flower_engine.STOCK_ENGINE_ENV, "stock")
@@ -67,8 +102,10 @@ def test_install_patches_flower_1_39_only_and_stock_leaves_it_alone(monkeypatch)
         assert flower_engine.install() is True
         assert vce_api.add_messages_to_queue is flower_engine.poll_pending_nodes
         assert vce_api._register_node_info_stores is flower_engine.lazy_node_stores
+        assert vce_api._register_nodes is flower_engine.register_nodes_packed
         monkeypatch.setattr(flwr, "__version__", "1.40.0")
         flower_engine.uninstall()
         assert flower_engine.install() is False and vce_api.add_messages_to_queue is flower_engine._flower_poll
+        assert vce_api._register_nodes is flower_engine._flower_register_nodes
     finally:
         flower_engine.uninstall()
