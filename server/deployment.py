@@ -183,20 +183,27 @@ def run_status(run_id: str, env: dict) -> str:
     return str(matching[0]["status"]) if matching else "unknown"
 
 
+def _print_new_rounds(metrics: Path, shown: int) -> int:
+    """Print a line for each complete metrics row after the first ``shown``; returns the rows shown so far."""
+    if not metrics.exists():
+        return shown
+    complete = metrics.read_text(encoding="utf-8").split("\n")[:-1]  # a row still being appended waits
+    for line in complete[shown:]:
+        row = json.loads(line)
+        print(f"round {row['round']}: {row.get('trained', 0)} trained, {row.get('refused', 0)} refused, "
+              f"{row.get('failed', 0)} failed", flush=True)
+    return max(shown, len(complete))
+
+
 def wait_for_run(run_id: str, run_dir: Path, env: dict, timeout_s: float, poll_s: float = 2.0) -> str:
-    """Poll until the run finishes, printing each new metrics row; returns the final status."""
+    """Poll until the run finishes, printing each new metrics row (the last ones too); returns the final status."""
     deadline, shown = time.time() + timeout_s, 0
     metrics = run_dir / "metrics.jsonl"
     while time.time() < deadline:
-        if metrics.exists():
-            rows = metrics.read_text(encoding="utf-8").splitlines()
-            for line in rows[shown:]:
-                row = json.loads(line)
-                print(f"round {row['round']}: {row.get('trained', 0)} trained, {row.get('refused', 0)} refused, "
-                      f"{row.get('failed', 0)} failed", flush=True)
-            shown = len(rows)
+        shown = _print_new_rounds(metrics, shown)
         status = run_status(run_id, env)
         if status.startswith("finished"):
+            _print_new_rounds(metrics, shown)  # rows written between the read above and the status check
             return status
         time.sleep(poll_s)
     raise DeploymentError(f"run {run_id} did not finish within {timeout_s:.0f} s")

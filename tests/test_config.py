@@ -72,16 +72,15 @@ BAD = [
 ]
 
 CHILD = r"""
-import contextlib, io, json, sys, time
+import contextlib, io, json, sys
 from storefed.cli import main
 results = []
 for command, override in json.loads(sys.argv[1]):
     err = io.StringIO()
-    start = time.perf_counter()
     with contextlib.redirect_stderr(err):
         run_dir = ["run_dir=" + sys.argv[2]] if command in ("simulate", "server", "evaluate", "audit") else []
         code = main([command, *override.split(), *run_dir])
-    results.append({"code": code, "stderr": err.getvalue(), "seconds": time.perf_counter() - start})
+    results.append({"code": code, "stderr": err.getvalue()})
 heavy = sorted(m for m in sys.modules if m == "ray" or m.startswith(("ray.", "flwr.simulation")))
 print(json.dumps({"results": results, "heavy": heavy}))
 """
@@ -110,7 +109,6 @@ def test_bad_override_exits_2_with_one_line_naming_the_key(refusals, index):
     lines = result["stderr"].strip().splitlines()
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"storefed {command}: ") and expected in lines[0], lines[0]
-    assert result["seconds"] < 5.0, result
 
 
 def test_no_refusal_started_ray_flower_or_wrote_a_run_dir(refusals):

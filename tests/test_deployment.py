@@ -284,6 +284,7 @@ def test_tls_deployment_runs_distributed_dp_end_to_end(world):
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and all(r["secure_aggregation"] == "aggregated" for r in rows)
+    assert "round 2: 3 trained" in (tmp / "server-distributed.log").read_text()  # the last round is printed too
     ledgers = [json.loads(next((tmp / name / "ledger-distributed").glob("*.ledger.json")).read_text())
                for name in MERCHANTS]
     for led in ledgers:
@@ -336,3 +337,24 @@ def test_merchant_person_budget_reaches_the_node_config_and_bad_values_are_refus
     assert "person-epsilon-budget" not in node_config(MerchantOptions(data_dir=tmp_path, ledger_dir=tmp_path, superlink="h:1"))
     assert main(["merchant", f"data_dir={tmp_path}", "person_epsilon_budget=-1"]) == 2
     assert "person_epsilon_budget=-1" in capsys.readouterr().err
+
+
+def test_the_server_prints_the_last_round_written_just_before_the_run_finished(tmp_path, monkeypatch, capsys):
+    """The race seen over SecAgg+: the final metrics row lands between the read and the status check."""
+    from storefed.server import deployment
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"round": 1, "trained": 3}\n{"round": 2, "tra', encoding="utf-8")  # row 2 half-appended
+    calls = []
+
+    def status(run_id, env):
+        calls.append(run_id)
+        if len(calls) == 2:  # row 2 completes, then the run finishes, before the next read
+            metrics.write_text('{"round": 1, "trained": 3}\n{"round": 2, "trained": 3, "failed": 1}\n', encoding="utf-8")
+            return "finished:completed"
+        return "running"
+
+    monkeypatch.setattr(deployment, "run_status", status)
+    assert deployment.wait_for_run("7", tmp_path, {}, timeout_s=30, poll_s=0.01) == "finished:completed"
+    assert capsys.readouterr().out.splitlines() == [
+        "round 1: 3 trained, 0 refused, 0 failed", "round 2: 3 trained, 0 refused, 1 failed"]
