@@ -12,11 +12,11 @@ on every start.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from storefed.client.supernode_process import run_supernode
 from storefed.data.merchant_files import MerchantDataError, load_catalog, load_merchant_dir, summarize
 from storefed.flower_env import flower_env
 from storefed.privacy.delta_check import check_merchant_delta
@@ -88,7 +88,7 @@ def supernode_command(options: MerchantOptions) -> list[str]:
 
 
 def run_merchant(options: MerchantOptions) -> int:
-    """Validate, then run the SuperNode until it exits; returns its exit code."""
+    """Validate, then run the SuperNode until it exits (its exit code) or the agent is stopped (128 + signal)."""
     counts = validate(options)
     check_merchant_delta(options.delta, counts["users"], counts["reviews"])
     bind_directory(options.ledger_dir, Path(options.data_dir.resolve()).name)  # the id the ledgers are kept under
@@ -96,4 +96,4 @@ def run_merchant(options: MerchantOptions) -> int:
     command = supernode_command(options)
     if options.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    return subprocess.call(command, env=flower_env())
+    return run_supernode(command, flower_env())  # never outlives this agent (client/supernode_process.py)
