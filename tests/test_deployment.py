@@ -193,7 +193,7 @@ def test_insecure_merchant_warns_on_every_start_and_secure_needs_key(world, monk
 
     tmp, certs, _, _ = world
     launched = []
-    monkeypatch.setattr(merchant_agent.subprocess, "call", lambda cmd, env=None: launched.append(cmd) or 0)
+    monkeypatch.setattr(merchant_agent, "run_supernode", lambda cmd, env: launched.append(cmd) or 0)
     options = MerchantOptions(data_dir=tmp / "shop-a", ledger_dir=tmp / "ledger", superlink="127.0.0.1:1", insecure=True)
     for _ in range(2):
         assert run_merchant(options) == 0
@@ -213,7 +213,7 @@ def test_renaming_the_data_directory_does_not_reset_the_budget(world, monkeypatc
     from storefed.client.merchant_agent import MerchantOptions, run_merchant
 
     tmp, _, _, _ = world
-    monkeypatch.setattr(merchant_agent.subprocess, "call", lambda cmd, env=None: 0)
+    monkeypatch.setattr(merchant_agent, "run_supernode", lambda cmd, env: 0)
     ledger = tmp_path / "ledger"
     assert run_merchant(MerchantOptions(data_dir=tmp / "shop-a", ledger_dir=ledger, superlink="h:1", insecure=True)) == 0
     assert json.loads((ledger / "merchant.json").read_text()) == {"merchant_id": "shop-a"}
