@@ -40,7 +40,9 @@ GRAD_SAMPLE_MODES = ("auto", "book", "ghost", "hooks")
 
 def resolve_grad_sample_mode(model: nn.Module, mode: str) -> str:
     """``auto``: book-keeping when it can clip every trainable layer of ``model`` exactly (one backward pass),
-    else Opacus ghost clipping; any other mode unchanged."""
+    else Opacus ghost clipping; any other known mode unchanged (an unknown one is refused, naming the choices)."""
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"privacy.grad_sample_mode={mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
     if mode != "auto":
         return mode
     from storefed.privacy.book_keeping import UnsupportedModuleError, check_supported
@@ -88,11 +90,9 @@ def make_private(
 
     ``criterion`` (default: plain cross-entropy) may carry fixed class weights; they must not depend
     on the data (a data-dependent weight would change every other unit's gradient)."""
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
+    grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
     if noise_multiplier <= 0 or max_grad_norm <= 0:
         raise ValueError("noise_multiplier and max_grad_norm must be > 0 under DP")
-    grad_sample_mode = resolve_grad_sample_mode(model, grad_sample_mode)
     if grad_sample_mode == "book":
         from storefed.privacy.book_keeping import check_supported
 
@@ -174,8 +174,6 @@ def clipped_gradient_sum(
     ``DPOptimizer.clip_and_accumulate``). Returns one tensor per trainable parameter, in
     ``model.parameters()`` order; ``model`` is left unwrapped.
     """
-    if grad_sample_mode not in GRAD_SAMPLE_MODES:
-        raise ValueError(f"privacy.grad_sample_mode={grad_sample_mode!r} is unknown: choose one of {GRAD_SAMPLE_MODES}")
     if resolve_grad_sample_mode(model, grad_sample_mode) == "book":
         return _book_clipped_sum(model, loss_of, max_grad_norm)
     from opacus import GradSampleModule

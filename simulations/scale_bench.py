@@ -36,20 +36,22 @@ from storefed.console import setup_console
 from storefed.simulations.deployment_load import _tree_rss_mib
 from storefed.simulations.flower_engine import STOCK_ENGINE_ENV, _flower_poll, poll_pending_nodes
 
-_REGISTRY_CHILD = """
-import sys
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.superlink.federation import NoOpFederationManager
-from storefed.simulations import flower_engine
-def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096
-factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-register = flower_engine.register_nodes_packed if sys.argv[2] == 'packed' else flower_engine._flower_register_nodes
-before = rss()
-mapping = register(int(sys.argv[1]), factory)
-print((rss() - before) / len(mapping))
-"""
+
+def registered_fleet(register, num_nodes: int):
+    """Flower's in-memory LinkState (as its Simulation Engine creates it) with ``num_nodes`` simulation nodes
+    registered by ``register`` (Flower's ``_register_nodes`` or ours) and one run:
+    ``(state, {node_id: partition_id}, run_id)``."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    mapping = register(num_nodes, factory)
+    state = factory.state()
+    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, "bench", "serverapp")
+    return state, mapping, run_id
 
 
 def fleet_state(num_nodes: int, pending: int):
@@ -59,19 +61,11 @@ def fleet_state(num_nodes: int, pending: int):
     from flwr.app import Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.server.superlink.fleet.vce import vce_api
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-    from flwr.supercore.object_store import ObjectStoreFactory
     from flwr.supercore.task_identity import TaskIdentity
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
 
     from storefed.simulations.evaluation.federated import flower_identity
 
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    mapping = vce_api._register_nodes(num_nodes, factory)
-    state = factory.state()
-    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, "bench", "serverapp")
+    state, mapping, run_id = registered_fleet(vce_api._register_nodes, num_nodes)
     targets = list(mapping)[-pending:]
     with flower_identity():  # restores this process's identity after
         TaskIdentity.run_id, TaskIdentity.node_id = run_id, SUPERLINK_NODE_ID  # push as a ServerApp does
@@ -81,6 +75,23 @@ def fleet_state(num_nodes: int, pending: int):
             if state.store_message_ins(message) is None:
                 raise RuntimeError("Flower refused a benchmark message")
     return state, mapping, targets
+
+
+def registry_bytes_here(num_nodes: int, packed: bool) -> float:
+    """Resident bytes per node this process gains while ``num_nodes`` simulation nodes register (Linux /proc)."""
+    from storefed.simulations import flower_engine
+
+    def resident() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    register = flower_engine.register_nodes_packed if packed else flower_engine._flower_register_nodes
+    before = resident()
+    state, mapping, _ = registered_fleet(register, num_nodes)  # ``state`` holds the registry while measured
+    return (resident() - before) / len(mapping)
+
+
+_REGISTRY_CHILD = ("import sys; from storefed.simulations.scale_bench import registry_bytes_here; "
+                   "print(registry_bytes_here(int(sys.argv[1]), sys.argv[2] == 'packed'))")
 
 
 def poll_sweep_seconds(poller, num_nodes: int, pending: int) -> float:

@@ -12,7 +12,7 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.supercore.run import Run
 
 from storefed.simulations import flower_engine
-from storefed.simulations.scale_bench import fleet_state, poll_sweep_seconds
+from storefed.simulations.scale_bench import fleet_state, poll_sweep_seconds, registered_fleet
 
 
 def _drain(poller, state, mapping, expected: int) -> list:
@@ -58,26 +58,12 @@ def test_lazy_node_stores_build_the_same_context_as_flower_on_first_use():
         lazy[404]
 
 
-def _registry(register, num_nodes: int):
-    from flwr.server.superlink.linkstate import LinkStateFactory
-    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
-    from flwr.supercore.object_store import ObjectStoreFactory
-    from flwr.superlink.federation import NoOpFederationManager
-    from flwr.superlink.federation.noop_federation_manager import NOOP_FEDERATION_ID
-
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    mapping = register(num_nodes, factory)
-    state = factory.state()
-    run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, "test", "serverapp")
-    return state, mapping, run_id
-
-
 _VARYING = {"node_id", "public_key", "registered_at", "last_activated_at", "online_until"}  # per node / per clock
 
 
 def test_packed_node_registry_holds_what_flowers_registry_holds_and_stays_mutable():
-    flower_state, flower_mapping, flower_run = _registry(flower_engine._flower_register_nodes, 50)
-    state, mapping, run_id = _registry(flower_engine.register_nodes_packed, 50)
+    flower_state, flower_mapping, flower_run = registered_fleet(flower_engine._flower_register_nodes, 50)
+    state, mapping, run_id = registered_fleet(flower_engine.register_nodes_packed, 50)
     assert sorted(mapping.values()) == sorted(flower_mapping.values()) == list(range(50))
     assert state.get_nodes(run_id) == set(mapping) and flower_state.get_nodes(flower_run) == set(flower_mapping)
     want = next(iter(flower_state.nodes.values()))
