@@ -159,6 +159,19 @@ class RunLog:
         }
 
 
+def budget_sentence(privacy: dict) -> str | None:
+    """The per-customer budget next to this task's (summary.json's ``privacy``), as the run summary and the
+    report state it; ``None`` for a run without a budget (privacy off)."""
+    if privacy.get("person_epsilon") is not None:
+        return (f"per customer across tasks: budget {privacy['person_epsilon']:g} (privacy.person_epsilon, "
+                f"enforced by every merchant over its ledgers; this task's budget {privacy['task_epsilon']:.3f} is "
+                f"its share between {privacy['person_tasks']} task(s))")
+    if privacy.get("task_epsilon") is not None:
+        return (f"per customer across tasks: not enforced (privacy.person_epsilon=null); this task's budget "
+                f"{privacy['task_epsilon']:g}")
+    return None
+
+
 def summary_lines(summary: dict, run_dir: Path) -> list[str]:
     """The few lines a command prints when a run ends: outcome, task metric, the privacy guarantee, files."""
     final, privacy = summary.get("final_eval") or {}, summary.get("privacy") or {}
@@ -177,13 +190,9 @@ def summary_lines(summary: dict, run_dir: Path) -> list[str]:
             f"accountant, {privacy['sampling']} sampling, {privacy['mode']} mode"
             + ("; a population-level epsilon that holds only while secure aggregation holds)"
                if privacy["mode"] == "distributed" else ")"))
-    if privacy.get("person_epsilon") is not None:
-        lines.append(f"  per customer across tasks: budget {privacy['person_epsilon']:g} (privacy.person_epsilon, "
-                     f"enforced by every merchant over its ledgers; this task's budget {privacy['task_epsilon']:.3f} is "
-                     f"its share between {privacy['person_tasks']} task(s))")
-    elif privacy.get("task_epsilon") is not None:
-        lines.append(f"  per customer across tasks: not enforced (privacy.person_epsilon=null); this task's budget "
-                     f"{privacy['task_epsilon']:g}")
+    budget = budget_sentence(privacy)
+    if budget:
+        lines.append(f"  {budget}")
     lines.append(f"  guarantee: {privacy.get('guarantee', 'unknown')}")
     if privacy.get("client_level"):
         lines.append(f"  client-level: {json.dumps(privacy['client_level'], default=str)}")

@@ -71,6 +71,8 @@ def test_report_files_agree_with_the_run(finished_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"**{summary['privacy']['epsilon_max']:.3f}** per customer" in markdown
     assert "delta=1e-05, RDP accountant, Poisson sampling, local mode" in markdown
+    assert "(this task's budget 5.323, delta=1e-05" in markdown and "budget None" not in markdown
+    assert "- Per customer across tasks: budget 8 (privacy.person_epsilon, enforced" in markdown  # as on the console
     plots = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
     assert plots == ["epsilon_vs_round.png", "loss_vs_round.png", "metric_vs_round.png", "participation.png"]
     import matplotlib.image

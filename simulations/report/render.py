@@ -13,6 +13,7 @@ from pathlib import Path
 import markdown as markdown_lib
 
 from storefed.server.checkpoint import run_owner_alive
+from storefed.server.run_log import budget_sentence
 from storefed.simulations.report.figures import TASK_METRICS
 from storefed.simulations.report.run_data import FederationRun
 
@@ -41,6 +42,13 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _budget(privacy: dict, cfg: dict) -> str:
+    """This task's epsilon budget: the run's resolved one (``privacy.epsilon=null`` means its share of the
+    person budget), else the configured value (older runs)."""
+    budget = privacy.get("task_epsilon", cfg.get("epsilon"))
+    return "?" if budget is None else f"{float(budget):.3f}"
+
+
 def _privacy_lines(run: FederationRun) -> list[str]:
     privacy = run.summary.get("privacy") or {}
     cfg = run.config.get("privacy") or {}
@@ -49,9 +57,12 @@ def _privacy_lines(run: FederationRun) -> list[str]:
         final = run.summary.get("final_eval") or {}
         lines.append(
             f"- Epsilon spent, max over {privacy.get('merchants_trained', 0)} merchants: "
-            f"**{privacy['epsilon_max']:.3f}** per {privacy['unit']} (budget {cfg.get('epsilon', '?')}, "
+            f"**{privacy['epsilon_max']:.3f}** per {privacy['unit']} (this task's budget {_budget(privacy, cfg)}, "
             f"delta={final.get('delta', cfg.get('delta', '?'))}, {str(privacy['accountant']).upper()} accountant, "
             f"{privacy['sampling']} sampling, {privacy['mode']} mode)")
+    budget = budget_sentence(privacy)
+    if budget:
+        lines.append(f"- {budget[0].upper()}{budget[1:]}")
     if privacy.get("client_level"):
         lines.append(f"- Client-level (central) DP: `{privacy['client_level']}`")
     if privacy.get("mode") == "distributed":
