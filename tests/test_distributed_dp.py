@@ -171,7 +171,6 @@ def test_clipped_gradient_sum_is_per_unit_clipping(mode, shape):
                                                  for p in model.parameters())
 
 
-
 def test_unit_losses_average_a_reviewers_reviews():
     logits = torch.zeros(2, 3, 2)
     targets = torch.tensor([[0, 1, -100], [1, -100, -100]])

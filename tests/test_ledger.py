@@ -153,7 +153,6 @@ def test_stray_temp_files_of_an_interrupted_write_are_removed_on_open(tmp_path):
     assert not stray.exists() and unrelated.exists(), "only this ledger's own leftovers are removed"
 
 
-
 def test_processes_creating_the_ledger_key_at_once_all_get_the_one_written(tmp_path, monkeypatch):
     """Two Ray actors' first rounds used to race here: each wrote its own key and one ledger's MAC then
     failed. Four writers start together, each write slowed down (fsync) so that all see no key yet."""
